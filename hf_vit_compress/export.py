@@ -1,0 +1,194 @@
+"""Dense ViT/DeiT + `Architecture` -> a really smaller `CompressedViTForImageClassification`.
+
+Weights are sliced (not masked) and per-unit scales are folded into the producing layer, so the exported model
+computes exactly what the dense model computes under `gating.apply_architecture(model, architecture)`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .architecture import Architecture, LayerArchitecture
+from .modeling import CompressedViTConfig, CompressedViTForImageClassification
+from .targets import BlockParts, ModelParts, model_parts
+
+
+def _index(indices: list[int], device) -> torch.Tensor:
+    return torch.as_tensor(indices, dtype=torch.long, device=device)
+
+
+def _scale_vector(scale: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    return None if scale is None else scale.detach().to(rows.device, torch.float32)[rows]
+
+
+def _copy_linear(target: nn.Linear, source: nn.Linear, rows=None, cols=None, row_scale=None) -> None:
+    """target <- source[rows][:, cols], each kept output row multiplied by row_scale (weight and bias)."""
+    weight = source.weight.detach().float()
+    bias = source.bias.detach().float() if source.bias is not None else None
+    if rows is not None:
+        weight = weight[rows]
+        bias = bias[rows] if bias is not None else None
+    if cols is not None:
+        weight = weight[:, cols]
+    if row_scale is not None:
+        weight = weight * row_scale[:, None]
+        bias = bias * row_scale if bias is not None else None
+    target.weight.copy_(weight)
+    if bias is not None:
+        target.bias.copy_(bias)
+
+
+def compressed_config(dense_config, architecture: Architecture, parts: ModelParts) -> CompressedViTConfig:
+    """The `CompressedViTConfig` for `architecture` applied to a dense ViT/DeiT config."""
+    scaling = parts.blocks[0].attention.scaling if parts.blocks else 1.0
+    layers = [
+        {
+            "num_heads": layer.num_heads,
+            "qk_head_dim": layer.qk_head_dim,
+            "v_head_dim": layer.v_head_dim,
+            "intermediate_size": layer.intermediate_size,
+            "scaling": float(scaling),
+        }
+        for layer in architecture.kept_layers
+    ]
+    return CompressedViTConfig(
+        hidden_size=len(architecture.hidden_channels),
+        layers=layers,
+        image_size=dense_config.image_size,
+        patch_size=dense_config.patch_size,
+        num_channels=dense_config.num_channels,
+        hidden_act=dense_config.hidden_act,
+        layer_norm_eps=dense_config.layer_norm_eps,
+        qkv_bias=dense_config.qkv_bias,
+        initializer_range=dense_config.initializer_range,
+        use_distillation_token=parts.num_prefix_tokens == 2,
+        distillation_head="distillation_classifier" in parts.heads,
+        source_model_type=parts.model_type,
+        id2label=dense_config.id2label,
+        label2id=dense_config.label2id,
+    )
+
+
+def _check_architecture(architecture: Architecture, parts: ModelParts) -> None:
+    config = parts.backbone.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    if len(architecture.layers) != len(parts.blocks):
+        raise ValueError(
+            f"architecture.layers has {len(architecture.layers)} entries but the model has {len(parts.blocks)} blocks"
+        )
+    _check_units("hidden_channels", architecture.hidden_channels, config.hidden_size, allow_empty=False)
+    for index, layer in enumerate(architecture.layers):
+        _check_units(f"layers[{index}].heads", layer.heads, config.num_attention_heads)
+        _check_units(f"layers[{index}].mlp_neurons", layer.mlp_neurons, config.intermediate_size)
+        for name in ("qk_channels", "v_channels"):
+            for head, channels in zip(layer.heads, getattr(layer, name)):
+                _check_units(f"layers[{index}].{name} (head {head})", channels, head_dim, allow_empty=False)
+
+
+def _check_units(name: str, units: list[int], size: int, allow_empty: bool = True) -> None:
+    if (not units and not allow_empty) or len(set(units)) != len(units) or any(not 0 <= u < size for u in units):
+        raise ValueError(
+            f"architecture.{name} must be distinct indices in [0, {size})"
+            f"{'' if allow_empty else ' (at least one)'}, got {list(units)[:16]}{'...' if len(units) > 16 else ''}"
+        )
+
+
+@torch.no_grad()
+def export_compressed_model(model: nn.Module, architecture: Architecture) -> CompressedViTForImageClassification:
+    """Build the compressed model that keeps exactly the units of `architecture`.
+
+    Args:
+        model: the dense (or gated: hooks are ignored here) `ViTForImageClassification` /
+            `DeiTForImageClassification(WithTeacher)`.
+        architecture: kept heads / channels / neurons / hidden channels / blocks, optional scales to fold in.
+
+    Returns:
+        A `CompressedViTForImageClassification` in eval mode, on the dense model's device, in float32.
+    """
+    parts = model_parts(model)
+    _check_architecture(architecture, parts)
+    config = compressed_config(model.config, architecture, parts)
+    config._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    device = parts.patch_projection.weight.device
+    compressed = CompressedViTForImageClassification(config).to(device).eval()
+
+    hidden = _index(architecture.hidden_channels, device)
+    hidden_scale = _scale_vector(architecture.hidden_scale, hidden)
+    _export_embeddings(compressed.vit.embeddings, parts, hidden, hidden_scale)
+    kept_blocks = [(block, layer) for block, layer in zip(parts.blocks, architecture.layers) if layer.keep_block]
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    for target, (block, layer) in zip(compressed.vit.layers, kept_blocks):
+        _export_block(target, block, layer, hidden, head_dim)
+    _copy_layernorm(compressed.vit.layernorm, parts.final_layernorm, hidden)
+    for name, head in parts.heads.items():
+        _copy_linear(getattr(compressed, name), head, cols=hidden)
+    return compressed
+
+
+def _export_embeddings(target, parts: ModelParts, hidden: torch.Tensor, hidden_scale: torch.Tensor | None) -> None:
+    def scaled(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach().float()[..., hidden]
+        return tensor * hidden_scale if hidden_scale is not None else tensor
+
+    projection = parts.patch_projection
+    weight = projection.weight.detach().float()[hidden]
+    if hidden_scale is not None:
+        weight = weight * hidden_scale[:, None, None, None]
+    target.projection.weight.copy_(weight)
+    target.projection.bias.copy_(scaled(projection.bias))
+    target.cls_token.copy_(scaled(parts.cls_token))
+    if parts.distillation_token is not None:
+        target.distillation_token.copy_(scaled(parts.distillation_token))
+    target.position_embeddings.copy_(scaled(parts.position_embeddings))
+
+
+def _copy_layernorm(target: nn.LayerNorm, source: nn.LayerNorm, hidden: torch.Tensor) -> None:
+    target.weight.copy_(source.weight.detach().float()[hidden])
+    target.bias.copy_(source.bias.detach().float()[hidden])
+
+
+def _export_block(target, block: BlockParts, layer: LayerArchitecture, hidden: torch.Tensor, head_dim: int) -> None:
+    device = hidden.device
+    _copy_layernorm(target.layernorm_before, block.layernorm_before, hidden)
+    _copy_layernorm(target.layernorm_after, block.layernorm_after, hidden)
+    qk_rows = _index(layer.flat_indices(head_dim, "qk"), device)
+    v_rows = _index(layer.flat_indices(head_dim, "v"), device)
+    qk_scale = _scale_vector(layer.qk_scale, qk_rows)
+    attention = target.attention
+    _copy_linear(attention.q_proj, block.q_proj, rows=qk_rows, cols=hidden, row_scale=qk_scale)
+    _copy_linear(attention.k_proj, block.k_proj, rows=qk_rows, cols=hidden, row_scale=qk_scale)
+    _copy_linear(attention.v_proj, block.v_proj, rows=v_rows, cols=hidden, row_scale=_scale_vector(layer.v_scale, v_rows))
+    _copy_linear(attention.o_proj, block.o_proj, rows=hidden, cols=v_rows)
+    neurons = _index(layer.mlp_neurons, device)
+    _copy_linear(target.mlp.fc1, block.fc1, rows=neurons, cols=hidden, row_scale=_scale_vector(layer.mlp_scale, neurons))
+    _copy_linear(target.mlp.fc2, block.fc2, rows=hidden, cols=neurons)
+
+
+def save_atomically(model, output_dir: str | os.PathLike, **save_kwargs) -> Path:
+    """`model.save_pretrained(output_dir)` that never leaves a half-written folder where a good one was.
+
+    The model is written to a temporary sibling folder first; only when that succeeded is it moved into place
+    (the previous folder, if any, is kept until the move has happened and then removed).
+    """
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging, **save_kwargs)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    backup = None
+    if output_dir.exists():
+        backup = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+        os.replace(output_dir, backup)
+    os.replace(staging, output_dir)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    return output_dir
