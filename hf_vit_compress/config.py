@@ -1,0 +1,227 @@
+"""`CompressionConfig`: what to compress to and how, validated when built, saved as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+METHODS = ("ofb", "uvc")
+
+
+def _check(condition: bool, name: str, value, allowed: str) -> None:
+    if not condition:
+        raise ValueError(f"CompressionConfig.{name}={value!r} is invalid: allowed {allowed}")
+
+
+def _check_ratios(name: str, values, low: float, high: float) -> None:
+    ok = values is not None and len(values) > 0 and all(low < float(v) <= high for v in values)
+    _check(ok, name, values, f"a non-empty list of numbers in ({low}, {high}]")
+
+
+@dataclass
+class OFBConfig:
+    """OFB settings (spec/ofb.md). Fractions of the search refer to the search phase's steps.
+
+    Args:
+        head_choices: candidate numbers of heads; None = every even count up to H (plus H itself), or 1..H when
+            H <= 4 (DeiT-T's 3 heads, tiny test models).
+        head_dim_ratios: candidate per-head q/k/v widths as fractions of head_dim.
+        mlp_ratios: candidate MLP widths as fractions of intermediate_size.
+        embed_min_ratio: narrowest candidate residual width as a fraction of hidden_size (widest is 1.0).
+        embed_step: channels between embedding candidates; None = min(hidden_size // 32, 12), at least 1.
+        channel_multiple: round candidate widths to a multiple of this when the dimension is at least
+            8 * channel_multiple (hardware-friendly shapes); 1 disables rounding.
+        warmup_fraction: share of the search over which lambda and the PMIM ratio ramp (paper: 20 of 100 epochs).
+        lambda_start, lambda_end: bi-mask mixing weight of the importance score S at the start / end of warm-up.
+        pmim: use progressive masked image modelling during the search.
+        pmim_keep_start, pmim_keep_end: fraction of patch tokens kept unmasked at the start / end of warm-up.
+        pmim_window: local-normalisation window at 224 px (scaled with the image size, kept odd).
+        module_loss_weight: weight of the summed per-module one-hot losses (0.5).
+        flops_loss_weight: weight of the FLOPs loss (5).
+        norm_coefficient_attention, norm_coefficient_other: c of the norm term c * sum(S) (attention; MLP+embed).
+        sigma_eps: clamp of sigma into (eps, 1 - eps) that keeps cot(pi * sigma) finite.
+        arch_lr, arch_betas, arch_weight_decay: AdamW settings of the architecture logits alpha.
+        score_lr: learning rate of the importance logits (None = the weights' learning rate); weight decay 0.
+        decoder_lr: learning rate of the PMIM decoder and mask token.
+        elimination_threshold: a candidate with p <= threshold / K_active is switched off.
+        eliminations_per_epoch: how often elimination runs (paper: about 3 times per epoch).
+        score_init_std: std of the truncated-normal init of the importance logits s (S = sigmoid(s)).
+    """
+
+    head_choices: list[int] | None = None
+    head_dim_ratios: list[float] = field(default_factory=lambda: [2 / 8, 3 / 8, 4 / 8, 5 / 8, 6 / 8, 7 / 8, 1.0])
+    mlp_ratios: list[float] = field(default_factory=lambda: [2 / 8, 3 / 8, 4 / 8, 5 / 8, 6 / 8, 7 / 8, 1.0])
+    embed_min_ratio: float = 0.5
+    embed_step: int | None = None
+    channel_multiple: int = 8
+    warmup_fraction: float = 0.2
+    lambda_start: float = 0.99
+    lambda_end: float = 0.1
+    pmim: bool = True
+    pmim_keep_start: float = 0.95
+    pmim_keep_end: float = 0.75
+    pmim_window: int = 47
+    module_loss_weight: float = 0.5
+    flops_loss_weight: float = 5.0
+    norm_coefficient_attention: float = 4e-4
+    norm_coefficient_other: float = 1e-4
+    sigma_eps: float = 1e-3
+    arch_lr: float = 1e-3
+    arch_betas: tuple[float, float] = (0.5, 0.999)
+    arch_weight_decay: float = 1e-3
+    score_lr: float | None = None
+    decoder_lr: float = 1e-3
+    elimination_threshold: float = 0.2
+    eliminations_per_epoch: float = 3.0
+    score_init_std: float = 0.2
+
+    def validate(self) -> None:
+        if self.head_choices is not None:
+            ok = len(self.head_choices) > 0 and all(isinstance(h, int) and h >= 1 for h in self.head_choices)
+            _check(ok, "ofb.head_choices", self.head_choices, "None or a non-empty list of ints >= 1")
+        _check_ratios("ofb.head_dim_ratios", self.head_dim_ratios, 0.0, 1.0)
+        _check_ratios("ofb.mlp_ratios", self.mlp_ratios, 0.0, 1.0)
+        _check(0 < self.embed_min_ratio <= 1, "ofb.embed_min_ratio", self.embed_min_ratio, "(0, 1]")
+        _check(self.embed_step is None or self.embed_step >= 1, "ofb.embed_step", self.embed_step, "None or >= 1")
+        _check(self.channel_multiple >= 1, "ofb.channel_multiple", self.channel_multiple, ">= 1")
+        _check(0 <= self.warmup_fraction <= 1, "ofb.warmup_fraction", self.warmup_fraction, "[0, 1]")
+        for name in ("lambda_start", "lambda_end"):
+            _check(0 <= getattr(self, name) <= 1, f"ofb.{name}", getattr(self, name), "[0, 1]")
+        for name in ("pmim_keep_start", "pmim_keep_end"):
+            _check(0 < getattr(self, name) <= 1, f"ofb.{name}", getattr(self, name), "(0, 1]")
+        _check(self.pmim_window >= 1, "ofb.pmim_window", self.pmim_window, ">= 1")
+        _check(0 < self.sigma_eps < 0.5, "ofb.sigma_eps", self.sigma_eps, "(0, 0.5)")
+        for name in ("module_loss_weight", "flops_loss_weight", "norm_coefficient_attention",
+                     "norm_coefficient_other", "arch_weight_decay", "score_init_std"):
+            _check(getattr(self, name) >= 0, f"ofb.{name}", getattr(self, name), ">= 0")
+        for name in ("arch_lr", "decoder_lr", "eliminations_per_epoch"):
+            _check(getattr(self, name) > 0, f"ofb.{name}", getattr(self, name), "> 0")
+        _check(self.score_lr is None or self.score_lr > 0, "ofb.score_lr", self.score_lr, "None or > 0")
+        _check(0 < self.elimination_threshold < 1, "ofb.elimination_threshold", self.elimination_threshold, "(0, 1)")
+        betas = tuple(self.arch_betas)
+        _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), "ofb.arch_betas", self.arch_betas,
+               "two numbers in [0, 1)")
+        self.arch_betas = betas
+
+
+@dataclass
+class UVCConfig:
+    """UVC settings (spec/uvc.md). Defaults are the paper's / official code's.
+
+    Args:
+        gumbel_tau: temperature of the Gumbel-softmax block gates.
+        skip_warmup_fraction: share of the search during which block gates are fixed at (0.5, 0.5) and theta is
+            frozen (paper: 5 of 30 epochs).
+        theta_init: initial skip-gate logits (skip, run).
+        counts_lr: SGD learning rate of the continuous removal counts s, r.
+        theta_lr, theta_momentum: SGD settings of the skip-gate logits.
+        theta_budget_weight: weight of z * dR/dtheta in theta's gradient.
+        dual_lr: ascent step of the group duals y and p.
+        budget_dual_lr: ascent step of the budget dual z.
+        dual_init: initial value of every dual.
+        budget_gap_clip: (R - B) is clipped to +-this in the counts' gradient.
+        prox: apply the proximal shrink W_g <- W_g / (1 + 2 * lr * dual) to the least-k groups.
+    """
+
+    gumbel_tau: float = 0.5
+    skip_warmup_fraction: float = 5 / 30
+    theta_init: tuple[float, float] = (-1.0, 1.0)
+    counts_lr: float = 0.02
+    theta_lr: float = 0.1
+    theta_momentum: float = 0.9
+    theta_budget_weight: float = 5e-4
+    dual_lr: float = 1e-4
+    budget_dual_lr: float = 1.0
+    dual_init: float = 1e-3
+    budget_gap_clip: float = 0.5
+    prox: bool = True
+
+    def validate(self) -> None:
+        for name in ("gumbel_tau", "counts_lr", "theta_lr", "budget_gap_clip"):
+            _check(getattr(self, name) > 0, f"uvc.{name}", getattr(self, name), "> 0")
+        for name in ("dual_lr", "budget_dual_lr", "dual_init", "theta_budget_weight"):
+            _check(getattr(self, name) >= 0, f"uvc.{name}", getattr(self, name), ">= 0")
+        _check(0 <= self.theta_momentum < 1, "uvc.theta_momentum", self.theta_momentum, "[0, 1)")
+        _check(0 <= self.skip_warmup_fraction <= 1, "uvc.skip_warmup_fraction", self.skip_warmup_fraction, "[0, 1]")
+        _check(len(tuple(self.theta_init)) == 2, "uvc.theta_init", self.theta_init, "two numbers (skip, run)")
+        self.theta_init = tuple(float(v) for v in self.theta_init)
+
+
+@dataclass
+class CompressionConfig:
+    """What to compress to, and with which method.
+
+    Args:
+        method: `"ofb"` or `"uvc"`.
+        target_flops: the budget as a fraction of the dense model's MACs, 0 < x < 1. Ignored when
+            `target_gmacs` is set.
+        target_gmacs: the budget as absolute GMACs per image (optional, explicit alternative).
+        search_fraction: share of the training steps spent searching; the rest fine-tunes the fixed architecture
+            (1.0 = search only).
+        distillation_alpha: weight a of the teacher's soft KL in (1 - a) * CE + a * T^2 * KL, when a teacher is
+            used (always for UVC: by default a frozen copy of the dense model; for OFB only if `teacher=` is given).
+        distillation_temperature: T.
+        ofb: OFB settings (`OFBConfig`).
+        uvc: UVC settings (`UVCConfig`).
+    """
+
+    method: str = "ofb"
+    target_flops: float = 0.5
+    target_gmacs: float | None = None
+    search_fraction: float = 0.5
+    distillation_alpha: float = 0.1
+    distillation_temperature: float = 1.0
+    ofb: OFBConfig = field(default_factory=OFBConfig)
+    uvc: UVCConfig = field(default_factory=UVCConfig)
+
+    def __post_init__(self):
+        if isinstance(self.ofb, dict):
+            self.ofb = _from_dict(OFBConfig, self.ofb, "ofb")
+        if isinstance(self.uvc, dict):
+            self.uvc = _from_dict(UVCConfig, self.uvc, "uvc")
+        _check(self.method in METHODS, "method", self.method, f"one of {list(METHODS)}")
+        _check(isinstance(self.target_flops, (int, float)) and 0 < self.target_flops < 1, "target_flops",
+               self.target_flops, "a fraction of the dense MACs strictly between 0 and 1")
+        _check(self.target_gmacs is None or self.target_gmacs > 0, "target_gmacs", self.target_gmacs, "None or > 0")
+        _check(0 < self.search_fraction <= 1, "search_fraction", self.search_fraction, "(0, 1]")
+        _check(0 <= self.distillation_alpha <= 1, "distillation_alpha", self.distillation_alpha, "[0, 1]")
+        _check(self.distillation_temperature > 0, "distillation_temperature", self.distillation_temperature, "> 0")
+        self.ofb.validate()
+        self.uvc.validate()
+
+    def target_macs(self, dense_macs: int) -> float:
+        """The budget in MACs for a model of `dense_macs` MACs."""
+        if self.target_gmacs is not None:
+            return self.target_gmacs * 1e9
+        return self.target_flops * dense_macs
+
+    def target_ratio(self, dense_macs: int) -> float:
+        return self.target_macs(dense_macs) / dense_macs
+
+    # -- JSON --------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json_string() + "\n")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "CompressionConfig":
+        return _from_dict(cls, values, "")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CompressionConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _from_dict(cls, values: dict, prefix: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        where = f"CompressionConfig.{prefix}" if prefix else "CompressionConfig"
+        raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(known)}")
+    return cls(**values)

@@ -1,0 +1,119 @@
+"""The one place a compression method plugs in.
+
+A method is an `nn.Module` attached to the model (so optimizers, DDP, mixed precision and checkpoints see its
+parameters and buffers). It owns its gates, its losses, its schedules and `decide()`; the trainer, the exporter
+and the compressed-model format are shared.
+
+Life cycle, driven by `CompressionTrainer`:
+    set_progress(step)            before every optimizer step (schedules read the step; resumable by design)
+    compute_masks()               at the start of every model forward (via gating.GateHandle)
+    loss(...)                     adds the method's terms to the task loss
+    after_optimizer_step(lr)      after the optimizer stepped (proximal / dual updates)
+    on_step_end(step)             after every optimizer step (candidate elimination, ...)
+    finalize()                    once, when the search ends: the architecture is fixed, masks become hard
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..architecture import Architecture
+from ..config import CompressionConfig
+from ..flops import Geometry, architecture_macs, dense_macs, geometry
+from ..gating import Masks, architecture_masks
+from ..targets import ModelParts, model_parts
+
+
+class CompressionMethod(nn.Module):
+    """Base class of OFB, UVC and any later method.
+
+    Args:
+        model: the dense HF model being compressed (not registered as a submodule of the method).
+        config: the `CompressionConfig`.
+    """
+
+    name: str = "base"
+    #: whether the method distils from a teacher even when the user passes none (a frozen copy of the dense model)
+    uses_teacher_by_default: bool = False
+
+    def __init__(self, model: nn.Module, config: CompressionConfig):
+        super().__init__()
+        self.config = config
+        # Plain attributes (not submodules): the method lives inside the model, not the other way round.
+        self.__dict__["parts"] = model_parts(model)
+        self.__dict__["model_config"] = model.config
+        self.geometry: Geometry = geometry(model)
+        self.dense_macs = dense_macs(model)
+        self.target_macs = config.target_macs(self.dense_macs)
+        self.total_search_steps = 1
+        self.steps_per_epoch = 1.0
+        self.register_buffer("finalized", torch.tensor(False))
+        self.final_architecture: Architecture | None = None
+
+    parts: ModelParts
+
+    # -- schedule ----------------------------------------------------------------------------------------------
+    def configure_schedule(self, total_search_steps: int, steps_per_epoch: float) -> None:
+        """Told once by the trainer before training: search length (optimizer steps) and steps per epoch."""
+        self.total_search_steps = max(1, int(total_search_steps))
+        self.steps_per_epoch = max(1.0, float(steps_per_epoch))
+
+    def set_progress(self, step: int) -> None:
+        """Update schedules for optimizer step `step` (0-based)."""
+
+    @property
+    def search_finished(self) -> bool:
+        return bool(self.finalized)
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def compute_masks(self) -> Masks:
+        """Masks for this forward. After `finalize()`, the hard masks of the final architecture."""
+        if self.final_architecture is None and bool(self.finalized):
+            self.final_architecture = self.decide()  # resumed from a checkpoint saved after the search
+        if self.final_architecture is not None:
+            if getattr(self, "_final_masks", None) is None:
+                self._final_masks = architecture_masks(self.final_architecture, self.parts)
+            return self._final_masks
+        return self.search_masks()
+
+    def search_masks(self) -> Masks:
+        raise NotImplementedError
+
+    # -- losses ------------------------------------------------------------------------------------------------
+    def loss(self, task_loss: torch.Tensor, logits: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, dict]:
+        """Total loss from the task (CE or distillation) loss; returns it and floats to log."""
+        return task_loss, {}
+
+    # -- optimisation ------------------------------------------------------------------------------------------
+    def optimizer_groups(self, learning_rate: float) -> list[dict]:
+        """Parameter groups (torch.optim style, with their own lr/betas/weight_decay) for the method's own
+        parameters that the trainer's optimizer should step. Parameters absent from every group are either
+        stepped by the method itself or frozen."""
+        return []
+
+    def after_optimizer_step(self, learning_rate: float) -> None:
+        """Called after each optimizer step, before gradients are zeroed."""
+
+    def on_step_end(self, step: int) -> None:
+        """Called after optimizer step `step` (0-based) has completed."""
+
+    # -- decisions ---------------------------------------------------------------------------------------------
+    def decide(self) -> Architecture:
+        """The architecture the search has chosen so far (always within the budget)."""
+        raise NotImplementedError
+
+    def finalize(self) -> Architecture:
+        """End the search: fix the architecture; from now on the masks are its hard masks."""
+        if self.final_architecture is None:
+            self.final_architecture = self.decide()
+            self._final_masks = None
+            self.finalized.fill_(True)
+        return self.final_architecture
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars to log (lambda, mask ratio, expected MACs ratio, ...)."""
+        return {}
+
+    def architecture_macs(self, architecture: Architecture) -> int:
+        return architecture_macs(self.geometry, architecture)
