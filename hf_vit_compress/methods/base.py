@@ -111,9 +111,18 @@ class CompressionMethod(nn.Module):
             self.finalized.fill_(True)
         return self.final_architecture
 
+    def export_architecture(self) -> Architecture:
+        """What the exporter slices by (ends the search if it has not ended). Methods with learnable scales
+        override this to return their current values."""
+        return self.finalize()
+
     def metrics(self) -> dict[str, float]:
         """Scalars to log (lambda, mask ratio, expected MACs ratio, ...)."""
         return {}
+
+    def snapshot(self) -> dict[str, float]:
+        """Scalars recorded through the search for the report's plot (defaults to `metrics()`)."""
+        return self.metrics()
 
     def architecture_macs(self, architecture: Architecture) -> int:
         return architecture_macs(self.geometry, architecture)
