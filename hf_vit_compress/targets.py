@@ -88,7 +88,9 @@ def check_supported(model: nn.Module) -> str:
             f"Unsupported model: {class_name} with model_type={model_type!r}. hf_vit_compress supports "
             f"model_type in {list(SUPPORTED_MODEL_TYPES)} ({', '.join(SUPPORTED_CLASSES)})."
         )
-    if class_name not in SUPPORTED_CLASSES and not hasattr(model, _BACKBONE_ATTRIBUTE[model_type]):
+    # Checked by attribute (not class name) so subclasses work; a *ForMaskedImageModeling has the backbone, no head.
+    has_head = hasattr(model, "classifier") or hasattr(model, "cls_classifier")
+    if not hasattr(model, _BACKBONE_ATTRIBUTE[model_type]) or not has_head:
         raise ValueError(
             f"Unsupported model class {class_name} (model_type={model_type!r}); expected one of {SUPPORTED_CLASSES}."
         )

@@ -64,9 +64,11 @@ class CompressedViTConfig(PreTrainedConfig):
     @staticmethod
     def _validated_layer(index: int, layer: dict) -> dict:
         if not isinstance(layer, dict) or set(layer) != set(LAYER_FIELDS):
+            missing = [key for key in LAYER_FIELDS if not isinstance(layer, dict) or key not in layer]
+            unknown = sorted(set(layer) - set(LAYER_FIELDS)) if isinstance(layer, dict) else []
             raise ValueError(
-                f"CompressedViTConfig.layers[{index}] must be a dict with exactly the keys {list(LAYER_FIELDS)}, "
-                f"got {layer!r}"
+                f"CompressedViTConfig.layers[{index}] must be a dict with exactly the keys {list(LAYER_FIELDS)} "
+                f"(missing: {missing}, unknown: {unknown}), got {layer!r}"
             )
         for key in LAYER_FIELDS[:-1]:
             if not isinstance(layer[key], int) or layer[key] < 0:

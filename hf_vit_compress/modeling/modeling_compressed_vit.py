@@ -168,6 +168,38 @@ class CompressedViTPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["CompressedViTEmbeddings", "CompressedViTLayer"]
     _supports_sdpa = True
     _supports_attention_backend = True
+    _head_prefixes = ("classifier.", "cls_classifier.", "distillation_classifier.")
+
+    @staticmethod
+    def _finalize_model_loading(model, load_config, loading_info):
+        """Fail loudly when `config.json` and the weights disagree, naming every parameter (with both shapes).
+
+        The config alone fixes every shape here, so by default transformers would re-initialise a block that the
+        config added (missing keys) or drop one it removed (unexpected keys) with only a warning, and its
+        size-mismatch error points at a logged report instead of naming the parameters. Head keys keep the usual
+        warnings (re-heading is a normal use), and `ignore_mismatched_sizes=True` turns all of this off.
+        """
+        if not getattr(load_config, "ignore_mismatched_sizes", False):
+            problems = [
+                f"size mismatch for {name}: checkpoint has shape {tuple(ckpt_shape)}, the model built from "
+                f"config.json has shape {tuple(model_shape)}"
+                for name, ckpt_shape, model_shape in sorted(loading_info.mismatched_keys, key=lambda item: item[0])
+            ]
+            for kind, keys in (
+                ("missing from", loading_info.missing_keys),
+                ("unexpected in", loading_info.unexpected_keys),
+            ):
+                problems += [
+                    f"{name} is {kind} the checkpoint for the blocks/embeddings described by config.json"
+                    for name in sorted(keys)
+                    if not name.startswith(model._head_prefixes)
+                ]
+            if problems:
+                loading_info.error_msgs.append(
+                    "config.json does not match the weights (it must describe the saved shapes exactly):\n\t"
+                    + "\n\t".join(problems)
+                )
+        return PreTrainedModel._finalize_model_loading(model, load_config, loading_info)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
