@@ -1,0 +1,466 @@
+"""Tests for UVC (`hf_vit_compress.methods.uvc`) and the distillation loss (`hf_vit_compress.distill`)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+from transformers import ViTConfig, ViTForImageClassification
+
+from hf_vit_compress.config import CompressionConfig
+from hf_vit_compress.distill import distillation_loss, frozen_teacher_copy, split_student_logits
+from hf_vit_compress.export import export_compressed_model
+from hf_vit_compress.flops import architecture_macs, count_macs, measured_macs
+from hf_vit_compress.gating import install_gates
+from hf_vit_compress.methods import build_method
+from hf_vit_compress.methods.uvc import UVCMethod, least_k_sum
+
+NUM_LABELS = 5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the machine is shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_vit(layers: int = 3, seed: int = 0) -> ViTForImageClassification:
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64, image_size=16,
+        patch_size=4, num_labels=NUM_LABELS,
+    )
+    return ViTForImageClassification(config).eval()
+
+
+def uvc_config(target: float = 0.5, **uvc) -> CompressionConfig:
+    return CompressionConfig(method="uvc", target_flops=target, uvc=uvc)
+
+
+def gated(model, config: CompressionConfig) -> UVCMethod:
+    method = UVCMethod(model, config)
+    install_gates(model, method)
+    model.add_module("compression", method)
+    return method
+
+
+def search(model, method: UVCMethod, teacher, steps: int, lr: float = 1e-3, seed: int = 1) -> None:
+    """What the trainer does, by hand: forward, KD loss, backward, optimizer step, UVC's manual step."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = [p for name, p in model.named_parameters() if not name.startswith("compression.")]
+    optimizer = torch.optim.AdamW(weights, lr=lr)
+    method.configure_schedule(steps, max(1, steps // 3))
+    model.train()
+    for step in range(steps):
+        method.set_progress(step)
+        pixels = torch.randn(8, 3, 16, 16, generator=generator)
+        labels = torch.randint(0, NUM_LABELS, (8,), generator=generator)
+        logits = model(pixel_values=pixels).logits
+        with torch.no_grad():
+            teacher_logits = teacher(pixel_values=pixels).logits
+        task = distillation_loss(logits, teacher_logits, labels, alpha=0.5, temperature=1.0, label_smoothing=0.1)
+        loss, logs = method.loss(task, logits, {"pixel_values": pixels})
+        assert all(isinstance(v, float) for v in logs.values())
+        loss.backward()
+        optimizer.step()
+        method.after_optimizer_step(lr)
+        optimizer.zero_grad()
+        method.on_step_end(step)
+    model.eval()
+
+
+# -- least-k sum ----------------------------------------------------------------------------------------------
+def test_least_k_sum_value_and_custom_gradient():
+    values = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0], requires_grad=True)
+    k = torch.tensor(1.3, requires_grad=True)
+    total = least_k_sum(k, values)
+    assert total.item() == pytest.approx(3.0)  # ceil(1.3) = 2 smallest: 1 + 2
+    total.backward()
+    assert k.grad.item() == pytest.approx(3.0)  # the 3rd smallest
+    assert values.grad.tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]  # indicator of the least-k set
+
+
+@pytest.mark.parametrize("k, value, grad", [(0.0, 0.0, 1.0), (2.0, 3.0, 3.0), (4.2, 15.0, 5.0), (7.0, 15.0, 5.0)])
+def test_least_k_sum_edges(k, value, grad):
+    """k = 0: empty sum, marginal cost = smallest; ceil(k) + 1 > n: full sum, gradient = the largest value."""
+    values = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0])
+    k = torch.tensor(k, requires_grad=True)
+    total = least_k_sum(k, values)
+    total.backward()
+    assert total.item() == pytest.approx(value)
+    assert k.grad.item() == pytest.approx(grad)
+
+
+# -- budget dual and counts ---------------------------------------------------------------------------------
+def test_budget_dual_rises_over_budget_and_stays_nonnegative_under():
+    model = tiny_vit()
+    method = gated(model, uvc_config(0.5))
+    z0 = float(method.budget_dual)
+    ratio = float(method.expected_ratio())
+    assert ratio > 0.9  # nothing removed yet (all blocks run with probability softmax([-1, 1] / 0.5) ~ 0.98)
+    method.after_optimizer_step(1e-3)
+    z1 = float(method.budget_dual)
+    assert z1 == pytest.approx(z0 + float(method.expected_ratio()) - 0.5)  # z <- z + eta_z (R - B), eta_z = 1
+    assert z1 > z0 + 0.3
+    method.after_optimizer_step(1e-3)
+    assert float(method.budget_dual) > z1  # still over budget: z keeps rising
+    # with z ~ 0.5 the budget outweighs the group penalties: the counts grew
+    assert float(method.head_counts.min()) > 0 and float(method.mlp_counts.min()) > 0
+
+    relaxed = tiny_vit()
+    method = gated(relaxed, uvc_config(0.9))
+    with torch.no_grad():  # a small architecture: R << B
+        method.head_counts.fill_(3)
+        method.vdim_counts.fill_(7)
+        method.mlp_counts.fill_(60)
+        method.budget_dual.fill_(0.05)
+    assert float(method.expected_ratio()) < 0.5
+    for _ in range(3):
+        method.after_optimizer_step(1e-3)
+        assert float(method.budget_dual) >= 0.0
+    assert float(method.budget_dual) == 0.0
+
+
+def test_expected_ratio_equals_real_macs_with_hard_gates():
+    model = tiny_vit()
+    method = gated(model, uvc_config(0.5))
+    with torch.no_grad():
+        method.head_counts.copy_(torch.tensor([1.0, 0.2, 2.5]))
+        method.vdim_counts.copy_(torch.tensor([0.0, 3.1, 6.0]))
+        method.mlp_counts.copy_(torch.tensor([10.0, 0.5, 40.0]))
+        method.theta.copy_(torch.tensor([[-1.0, 1.0], [1.0, -1.0], [-1.0, 1.0]]))
+    method.configure_schedule(10, 10)
+    method.set_progress(9)  # past the skip warm-up
+    hard = method.hard_ratio()
+    # the hard architecture before projection, built by hand: block 1 skipped
+    from hf_vit_compress.architecture import Architecture, LayerArchitecture
+
+    def layer(heads, v, mlp):
+        return LayerArchitecture(list(range(heads)), [list(range(8))] * heads, [list(range(v))] * heads,
+                                 list(range(mlp)))
+
+    arch = Architecture([layer(3, 8, 54), LayerArchitecture([], [], [], [], keep_block=False), layer(1, 2, 24)],
+                        list(range(32)))
+    assert hard == pytest.approx(architecture_macs(model, arch) / method.dense_macs, rel=1e-6)
+
+
+def test_decide_follows_theta_for_blocks():
+    model = tiny_vit()
+    method = gated(model, uvc_config(0.9))
+    with torch.no_grad():
+        method.theta.copy_(torch.tensor([[-1.0, 1.0], [0.3, -0.2], [-1.0, 1.0]]))
+    arch = method.decide()
+    assert [layer.keep_block for layer in arch.layers] == [True, False, True]
+    assert arch.metadata["projection_removals"] == 0  # already under 90%: nothing else removed
+    assert architecture_macs(model, arch) == pytest.approx(method.hard_ratio() * method.dense_macs, rel=1e-6)
+    with torch.no_grad():  # every block would skip: the one with the largest run margin is kept
+        method.theta.copy_(torch.tensor([[1.0, -1.0], [0.3, -0.2], [2.0, -1.0]]))
+    assert [layer.keep_block for layer in method.decide().layers] == [False, True, False]
+
+
+# -- proximal step ------------------------------------------------------------------------------------------
+def test_prox_shrinks_exactly_the_least_k_groups():
+    model = tiny_vit()
+    method = gated(model, uvc_config(0.5, dual_lr=0.0, budget_dual_lr=0.0))
+    lr, y_head, p_dim, y_mlp = 0.1, 0.7, 0.4, 0.9
+    with torch.no_grad():
+        method.head_counts.copy_(torch.tensor([1.0, 0.0, 0.0]))  # layer 0: 1 head
+        method.vdim_counts.copy_(torch.tensor([0.0, 1.5, 0.0]))  # layer 1: 2 value dims in every head
+        method.mlp_counts.copy_(torch.tensor([0.0, 0.0, 2.7]))  # layer 2: 3 MLP units
+        method.head_duals.fill_(y_head)
+        method.vdim_duals.fill_(p_dim)
+        method.mlp_duals.fill_(y_mlp)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    blocks = method.parts.blocks
+    scores0 = blocks[0].o_proj.weight.detach().pow(2).sum(0).view(4, 8)
+    head = int(torch.argmin(scores0.sum(1)))
+    scores1 = blocks[1].o_proj.weight.detach().pow(2).sum(0).view(4, 8)
+    dims = torch.argsort(scores1, dim=1)[:, :2]  # per head
+    unit_order = torch.argsort(blocks[2].fc2.weight.detach().pow(2).sum(0))
+    mlp_units = unit_order[:3]
+
+    method.after_optimizer_step(lr)
+
+    expected = {name: value.clone() for name, value in before.items()}
+    o0 = "vit.layers.0.attention.o_proj.weight"
+    expected[o0][:, head * 8:(head + 1) * 8] /= 1 + 2 * lr * y_head
+    o1 = "vit.layers.1.attention.o_proj.weight"
+    for h in range(4):
+        expected[o1][:, h * 8 + dims[h]] /= 1 + 2 * lr * p_dim
+    f2 = "vit.layers.2.mlp.fc2.weight"
+    expected[f2][:, mlp_units] /= 1 + 2 * lr * y_mlp
+    changed = []
+    for name, p in model.named_parameters():
+        if name.startswith("compression."):
+            continue
+        torch.testing.assert_close(p.detach(), expected[name], rtol=0, atol=1e-7, msg=name)
+        if not torch.equal(p.detach(), before[name]):
+            changed.append(name)
+    assert sorted(changed) == sorted([o0, o1, f2])
+    # exactly 8 + 8 + 3 columns shrank
+    assert int((model.get_parameter(o0) != before[o0]).any(0).sum()) == 8
+    assert int((model.get_parameter(o1) != before[o1]).any(0).sum()) == 8
+    assert int((model.get_parameter(f2) != before[f2]).any(0).sum()) == 3
+
+
+# -- skip warm-up -------------------------------------------------------------------------------------------
+def test_skip_gates_fixed_and_theta_frozen_during_warmup():
+    model = tiny_vit()
+    teacher = frozen_teacher_copy(model)
+    method = gated(model, uvc_config(0.5, skip_warmup_fraction=0.5))
+    theta0 = method.theta.detach().clone()
+    steps = 6
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("compression.")], 1e-2)
+    method.configure_schedule(steps, 2)
+    model.train()
+    for step in range(steps):
+        method.set_progress(step)
+        masks = method.compute_masks()
+        warm = step < 3
+        assert method.in_skip_warmup == warm
+        for skip, run in masks.block_gates:
+            if warm:
+                assert float(skip) == 0.5 and float(run) == 0.5
+            else:
+                skip, run = float(skip.detach()), float(run.detach())
+                assert skip != 0.5 and skip + run == pytest.approx(1.0)
+        pixels = torch.randn(4, 3, 16, 16, generator=generator)
+        loss = distillation_loss(model(pixel_values=pixels).logits, teacher(pixel_values=pixels).logits, None, 1.0, 1.0)
+        loss.backward()
+        if not warm:
+            assert method.theta.grad is not None and method.theta.grad.abs().sum() > 0  # KD reaches theta
+        optimizer.step()
+        method.after_optimizer_step(1e-2)
+        optimizer.zero_grad()
+        assert method.theta.grad is None
+        if warm:
+            assert torch.equal(method.theta.detach(), theta0)
+    assert not torch.equal(method.theta.detach(), theta0)
+
+
+# -- decide, projection, export, reload ---------------------------------------------------------------------
+@pytest.mark.parametrize("target", [0.3, 0.6, 0.9])
+def test_decide_meets_the_budget_without_search(target):
+    model = tiny_vit()
+    method = gated(model, uvc_config(target))
+    arch = method.decide()
+    macs = architecture_macs(model, arch)
+    assert macs <= method.target_macs
+    assert macs / method.dense_macs > target - 0.05  # the projection stops once under the budget
+    assert arch.metadata["projection_removals"] > 0
+    assert sum(layer.keep_block for layer in arch.layers) >= 1
+
+
+@pytest.fixture(scope="module")
+def searched():
+    """A tiny 3-block ViT after a short UVC search under a 15% budget, finalized."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = tiny_vit(layers=3)
+    teacher = frozen_teacher_copy(model)
+    config = uvc_config(0.15, skip_warmup_fraction=0.2, theta_budget_weight=1.0)
+    method = gated(model, config)
+    search(model, method, teacher, steps=20)
+    decided = method.decide()
+    torch.set_num_threads(threads)
+    return model, method, config, decided
+
+
+def test_low_budget_search_skips_blocks_and_meets_budget(searched):
+    model, method, _, arch = searched
+    assert float(method.budget_dual) > 1.0  # R stayed above B during the search: z grew
+    assert float(method.head_counts.sum()) > 0 and float(method.mlp_counts.sum()) > 0
+    assert method.metrics()["uvc/skipped_blocks"] >= 1  # theta itself learnt to skip
+    assert architecture_macs(model, arch) <= method.target_macs
+    assert sum(not layer.keep_block for layer in arch.layers) >= 1
+    assert sum(layer.keep_block for layer in arch.layers) >= 1
+
+
+def test_state_dict_round_trip_reproduces_decide(searched):
+    model, method, config, arch = searched
+    fresh_model = tiny_vit(layers=3, seed=123)
+    fresh = gated(fresh_model, config)
+    assert not fresh.decide().same_units(arch)  # different weights/counts decide differently
+    fresh_model.load_state_dict(model.state_dict())
+    assert fresh.decide().same_units(arch)
+    for name in ("head_counts", "vdim_counts", "mlp_counts", "budget_dual", "theta", "theta_momentum"):
+        assert torch.equal(getattr(fresh, name), getattr(method, name)), name
+
+
+def test_export_matches_gated_model_and_reload_after_finalize(searched):
+    model, method, config, _ = searched
+    arch = method.finalize()
+    assert method.search_finished
+    pixels = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        gated_logits = model(pixel_values=pixels).logits
+        small = export_compressed_model(model, arch)
+        small_logits = small(pixel_values=pixels).logits
+    torch.testing.assert_close(small_logits, gated_logits, rtol=0, atol=1e-5)
+    assert count_macs(small) == architecture_macs(model, arch) <= method.target_macs
+    small.set_attn_implementation("eager")  # FlopCounterMode misses sdpa's products on CPU
+    assert measured_macs(small, pixels) == count_macs(small)  # an independent count of what really runs
+    assert len(small.config.layers) == sum(layer.keep_block for layer in arch.layers) < 3
+
+    # A reload of a finalized checkpoint gives the stored architecture even if the weights moved since.
+    state = model.state_dict()
+    fresh_model = tiny_vit(layers=3, seed=7)
+    fresh = gated(fresh_model, config)
+    fresh_model.load_state_dict(state)
+    with torch.no_grad():  # weights, counts and theta move: the stored final architecture must not
+        for index in range(3):
+            fresh_model.get_parameter(f"vit.layers.{index}.mlp.fc2.weight").mul_(torch.rand(32, 64))
+        fresh.head_counts.zero_()
+        fresh.mlp_counts.zero_()
+        fresh.theta.copy_(torch.tensor([[-1.0, 1.0]] * 3))
+    assert fresh.search_finished and fresh.decide().same_units(arch)
+    with torch.no_grad():
+        assert fresh_model(pixel_values=pixels).logits.shape == gated_logits.shape
+        torch.testing.assert_close(fresh.compute_masks().mlp[0], method.compute_masks().mlp[0])
+    counts, fc2 = fresh.head_counts.clone(), fresh.parts.blocks[0].fc2.weight.detach().clone()
+    fresh.after_optimizer_step(1e-3)  # no prox / count updates once finalized
+    assert torch.equal(fresh.head_counts, counts) and torch.equal(fresh.parts.blocks[0].fc2.weight, fc2)
+
+
+def test_casting_the_model_keeps_uvc_state_float32():
+    model = tiny_vit(layers=2)
+    method = gated(model, uvc_config(0.5))
+    with torch.no_grad():
+        method.mlp_counts.fill_(1.0001)
+    model.to(torch.bfloat16)
+    assert model.vit.layers[0].mlp.fc2.weight.dtype == torch.bfloat16
+    assert method.mlp_counts.dtype == torch.float32 and float(method.mlp_counts[0]) == pytest.approx(1.0001)
+    assert method.theta.dtype == torch.float32 and method.budget_dual.dtype == torch.float32
+
+
+def test_build_method_returns_uvc():
+    model = tiny_vit(layers=2)
+    method = build_method(model, uvc_config(0.5))
+    assert isinstance(method, UVCMethod) and method.name == "uvc" and method.uses_teacher_by_default
+
+
+# -- distillation -------------------------------------------------------------------------------------------
+def _logits(seed: int, shape=(6, NUM_LABELS)) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def test_distillation_alpha_zero_is_cross_entropy():
+    student, teacher = _logits(0), _logits(1)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    loss = distillation_loss(student, teacher, labels, alpha=0.0, temperature=3.0, label_smoothing=0.1)
+    torch.testing.assert_close(loss, F.cross_entropy(student, labels, label_smoothing=0.1))
+    plain = distillation_loss(student, teacher, labels, alpha=0.0, temperature=3.0)
+    assert abs(loss.item() - plain.item()) > 1e-3  # smoothing is used
+    torch.testing.assert_close(plain, F.cross_entropy(student, labels))
+
+
+def test_distillation_kl_term_is_zero_for_identical_logits_and_scales_with_temperature():
+    student, teacher = _logits(0), _logits(1)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    assert distillation_loss(student, student.clone(), labels, alpha=1.0, temperature=2.0).item() == pytest.approx(
+        0.0, abs=1e-6)
+    for temperature in (1.0, 4.0):
+        expected = temperature**2 * (
+            F.softmax(teacher / temperature, -1)
+            * (F.log_softmax(teacher / temperature, -1) - F.log_softmax(student / temperature, -1))
+        ).sum(-1).mean()
+        kd = distillation_loss(student, teacher, labels, alpha=1.0, temperature=temperature)
+        torch.testing.assert_close(kd, expected)
+    mixed = distillation_loss(student, teacher, labels, alpha=0.25, temperature=2.0)
+    ce = F.cross_entropy(student, labels)
+    kd = distillation_loss(student, teacher, None, alpha=1.0, temperature=2.0)
+    torch.testing.assert_close(mixed, 0.75 * ce + 0.25 * kd)
+
+
+def test_distillation_uses_deit_distillation_head_for_kl():
+    cls_logits, dist_logits, teacher = _logits(0), _logits(2), _logits(1)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    loss = distillation_loss(cls_logits, teacher, labels, alpha=0.5, temperature=1.0,
+                             student_distillation_logits=dist_logits)
+    expected = 0.5 * F.cross_entropy(cls_logits, labels) + 0.5 * distillation_loss(dist_logits, teacher, None, 1.0, 1.0)
+    torch.testing.assert_close(loss, expected)
+    # soft (mixup) labels work too
+    soft = F.one_hot(labels, NUM_LABELS).float()
+    torch.testing.assert_close(distillation_loss(cls_logits, None, soft, 0.0, 1.0), F.cross_entropy(cls_logits, labels))
+
+
+def test_frozen_teacher_copy_is_frozen_and_refuses_gated_models():
+    model = tiny_vit(layers=2)
+    teacher = frozen_teacher_copy(model)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    assert teacher.vit.layers[0].mlp.fc1.weight.data_ptr() != model.vit.layers[0].mlp.fc1.weight.data_ptr()
+    gated(model, uvc_config(0.5))
+    with pytest.raises(ValueError, match="before installing gates"):
+        frozen_teacher_copy(model)
+    out = model(pixel_values=torch.randn(2, 3, 16, 16))
+    logits, distillation = split_student_logits(out)
+    assert distillation is None and logits.shape == (2, NUM_LABELS)
+
+
+# -- DeiT with a distillation token and head ----------------------------------------------------------------
+def test_deit_with_teacher_decide_and_export_match():
+    from conftest import make_deit_with_teacher, randomize_parameters
+
+    model = randomize_parameters(make_deit_with_teacher(num_hidden_layers=3), seed=3, std=0.3)
+    method = gated(model, uvc_config(0.4))
+    with torch.no_grad():
+        method.head_counts.copy_(torch.tensor([1.0, 2.0, 0.0]))
+        method.vdim_counts.copy_(torch.tensor([2.0, 0.0, 5.0]))
+        method.mlp_counts.copy_(torch.tensor([30.0, 3.0, 0.0]))
+        method.theta.copy_(torch.tensor([[-1.0, 1.0], [-1.0, 1.0], [1.0, -1.0]]))
+    arch = method.finalize()
+    assert not arch.layers[2].keep_block
+    assert architecture_macs(model, arch) <= method.target_macs
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        reference = model(pixel_values=pixels)
+        small = export_compressed_model(model, arch)
+        exported = small(pixel_values=pixels)
+    torch.testing.assert_close(exported.logits, reference.logits, rtol=0, atol=1e-5)
+    cls_logits, distillation_logits = split_student_logits(exported)
+    assert distillation_logits is not None
+    torch.testing.assert_close(cls_logits, reference.cls_logits, rtol=0, atol=1e-5)
+    assert count_macs(small) == architecture_macs(model, arch)
+
+
+# -- end to end through CompressionTrainer -------------------------------------------------------------------
+def test_compression_trainer_uvc_end_to_end(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_vit_compress.trainer import CompressionTrainer
+
+    generator = torch.Generator().manual_seed(0)
+    data = [
+        {"pixel_values": torch.randn(3, 16, 16, generator=generator), "labels": int(i % NUM_LABELS)}
+        for i in range(32)
+    ]
+    model = tiny_vit(layers=3)
+    config = CompressionConfig(method="uvc", target_flops=0.4, search_fraction=1.0,
+                               uvc={"skip_warmup_fraction": 0.25})
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=8, learning_rate=1e-3,
+        logging_steps=2, save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = CompressionTrainer(model=model, args=args, compression_config=config, train_dataset=data)
+    method = trainer.method
+    assert isinstance(method, UVCMethod) and trainer.teacher is not None
+    groups = [g for g in trainer.create_optimizer().param_groups if any(p is method.theta for p in g["params"])]
+    assert len(groups) == 1 and groups[0]["lr"] == 0.0 and len(groups[0]["params"]) == 1  # UVC steps theta itself
+    theta0 = method.theta.detach().clone()
+    trainer.train()
+    assert method.search_finished
+    assert float(method.budget_dual) > 0.0 and float(method.mlp_counts.sum()) > 0
+    assert not torch.equal(method.theta.detach(), theta0)  # stepped by UVC after the skip warm-up
+    assert groups[0]["lr"] == 0.0  # the LR schedule scales 0
+    small = trainer.export_compressed_model()
+    assert count_macs(small) <= method.target_macs
+    logged = [entry for entry in trainer.state.log_history if "uvc/ratio" in entry]
+    assert logged and all(math.isfinite(entry["uvc/ratio"]) for entry in logged)
