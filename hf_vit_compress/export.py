@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -83,12 +83,23 @@ def _check_architecture(architecture: Architecture, parts: ModelParts) -> None:
             f"architecture.layers has {len(architecture.layers)} entries but the model has {len(parts.blocks)} blocks"
         )
     _check_units("hidden_channels", architecture.hidden_channels, config.hidden_size, allow_empty=False)
+    _check_scale("hidden_scale", architecture.hidden_scale, config.hidden_size)
     for index, layer in enumerate(architecture.layers):
+        _check_scale(f"layers[{index}].qk_scale", layer.qk_scale, config.num_attention_heads * head_dim)
+        _check_scale(f"layers[{index}].v_scale", layer.v_scale, config.num_attention_heads * head_dim)
+        _check_scale(f"layers[{index}].mlp_scale", layer.mlp_scale, config.intermediate_size)
         _check_units(f"layers[{index}].heads", layer.heads, config.num_attention_heads)
         _check_units(f"layers[{index}].mlp_neurons", layer.mlp_neurons, config.intermediate_size)
         for name in ("qk_channels", "v_channels"):
             for head, channels in zip(layer.heads, getattr(layer, name)):
                 _check_units(f"layers[{index}].{name} (head {head})", channels, head_dim, allow_empty=False)
+
+
+def _check_scale(name: str, scale: torch.Tensor | None, size: int) -> None:
+    if scale is not None and tuple(scale.shape) != (size,):
+        raise ValueError(
+            f"architecture.{name} must have shape ({size},) (one entry per dense unit), got {tuple(scale.shape)}"
+        )
 
 
 def _check_units(name: str, units: list[int], size: int, allow_empty: bool = True) -> None:
@@ -178,17 +189,23 @@ def save_atomically(model, output_dir: str | os.PathLike, **save_kwargs) -> Path
     """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+    # A plain mkdir (not tempfile.mkdtemp, which makes it 0o700) so the saved folder gets the umask's permissions,
+    # like save_pretrained's own; unique names so a stale folder left by a crashed run (same pid) cannot collide.
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging = output_dir.with_name(f".{output_dir.name}.partial-{token}")
+    staging.mkdir()
+    backup = None
     try:
         model.save_pretrained(staging, **save_kwargs)
+        if output_dir.exists():
+            backup = output_dir.with_name(f".{output_dir.name}.old-{token}")
+            os.replace(output_dir, backup)
+        os.replace(staging, output_dir)
     except BaseException:
+        if backup is not None and not output_dir.exists():
+            os.replace(backup, output_dir)  # the swap failed half-way: put the good folder back
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    backup = None
-    if output_dir.exists():
-        backup = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-        os.replace(output_dir, backup)
-    os.replace(staging, output_dir)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
     return output_dir

@@ -189,6 +189,15 @@ def measured_macs(model: nn.Module, pixel_values: torch.Tensor) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(pixel_values)
+    # Parameters are frozen while counting: under no_grad a view of a parameter (a 0-head block returns its o_proj
+    # bias expanded) reports requires_grad=True without a grad_fn, which crashes the counter's module tracker.
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    try:
+        for parameter in trainable:
+            parameter.requires_grad_(False)
+        with torch.no_grad(), counter:
+            model(pixel_values)
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
     return counter.get_total_flops() / 2 / pixel_values.shape[0]

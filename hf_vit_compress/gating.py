@@ -1,8 +1,10 @@
 """Gates on an unmodified Hugging Face ViT/DeiT: forward hooks that scale unit outputs, and LayerNorms that see
 only the kept residual channels.
 
-The HF attention code is left alone (sdpa/eager/flex are still dispatched by transformers): a gate multiplies the
-OUTPUT of q_proj / k_proj / v_proj / fc1 / the embeddings, and a block gate mixes a block's output with its input.
+The HF attention code is left alone (sdpa/eager/flex are still dispatched by transformers): a gate scales the
+OUTPUT units of q_proj / k_proj / v_proj / fc1 (folded into the weight rows and bias, which is the same product but
+costs a (out, in) multiply instead of a (batch, tokens, out) one) and of the embeddings, and a block gate mixes a
+block's output with its input. Parameter names and the state dict are unchanged.
 A method supplies the multipliers through a `MaskProvider`; they are computed once per model forward (a pre-hook
 on the top module) so that shared masks (q, k and v share one) are built once and autograd sees one graph.
 """
@@ -87,6 +89,20 @@ def _scale_output(mask_of):
     return hook
 
 
+def _gated_linear_forward(linear: nn.Linear, mask_of):
+    """A forward for `linear` whose output unit j is scaled by mask[j]: x @ (m * W)^T + m * b."""
+
+    def forward(input: torch.Tensor) -> torch.Tensor:
+        mask = mask_of()
+        if mask is None:
+            return nn.functional.linear(input, linear.weight, linear.bias)
+        mask = mask.to(linear.weight.dtype)
+        bias = linear.bias * mask if linear.bias is not None else None
+        return nn.functional.linear(input, linear.weight * mask[:, None], bias)
+
+    return forward
+
+
 class GateHandle:
     """Hooks and LayerNorm swaps installed on a model; `remove()` restores the model exactly."""
 
@@ -97,6 +113,7 @@ class GateHandle:
         self.current: Masks | None = None
         self.enabled = True
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._gated_linears: list[nn.Linear] = []
         self._swapped: list[tuple[nn.Module, str, nn.LayerNorm]] = []
         self._install()
 
@@ -106,16 +123,20 @@ class GateHandle:
         self._hooks.append(self.model.register_forward_pre_hook(self._refresh_masks))
         self._hooks.append(parts.embeddings.register_forward_hook(_scale_output(lambda: self._get("hidden"))))
         for index, block in enumerate(parts.blocks):
-            qk = _scale_output(lambda i=index: self._get("qk", i))
-            self._hooks.append(block.q_proj.register_forward_hook(qk))
-            self._hooks.append(block.k_proj.register_forward_hook(qk))
-            self._hooks.append(block.v_proj.register_forward_hook(_scale_output(lambda i=index: self._get("v", i))))
-            self._hooks.append(block.fc1.register_forward_hook(_scale_output(lambda i=index: self._get("mlp", i))))
+            self._gate_linear(block.q_proj, lambda i=index: self._get("qk", i))
+            self._gate_linear(block.k_proj, lambda i=index: self._get("qk", i))
+            self._gate_linear(block.v_proj, lambda i=index: self._get("v", i))
+            self._gate_linear(block.fc1, lambda i=index: self._get("mlp", i))
             self._hooks.append(block.block.register_forward_hook(self._block_gate(index), with_kwargs=True))
         for parent, name in self._layernorm_slots():
             original = getattr(parent, name)
             setattr(parent, name, MaskedLayerNorm(original, self))
             self._swapped.append((parent, name, original))
+
+    def _gate_linear(self, linear: nn.Linear, mask_of) -> None:
+        # An instance attribute shadows nn.Linear.forward; deleting it restores the class's forward.
+        linear.forward = _gated_linear_forward(linear, mask_of)
+        self._gated_linears.append(linear)
 
     def _layernorm_slots(self):
         for block in self.parts.blocks:
@@ -152,6 +173,9 @@ class GateHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        for linear in self._gated_linears:
+            del linear.forward
+        self._gated_linears.clear()
         for parent, name, original in self._swapped:
             setattr(parent, name, original)
         self._swapped.clear()

@@ -27,12 +27,20 @@ def local_window(image_size: int, window_at_224: int = 47) -> int:
 
 
 def locally_normalize(images: torch.Tensor, window: int, eps: float = 1e-6) -> torch.Tensor:
-    """(x - local mean) / sqrt(local variance + eps), per channel, over a `window` x `window` neighbourhood."""
-    pool = dict(kernel_size=window, stride=1, padding=window // 2, count_include_pad=False)
-    mean = F.avg_pool2d(images, **pool)
-    mean_of_squares = F.avg_pool2d(images * images, **pool)
+    """(x - local mean) / sqrt(local variance + eps), per channel, over a `window` x `window` neighbourhood (clipped
+    at the borders)."""
+    mean = _box_mean(images, window)
+    mean_of_squares = _box_mean(images * images, window)
     variance = (mean_of_squares - mean * mean).clamp_min(0)
     return (images - mean) / torch.sqrt(variance + eps)
+
+
+def _box_mean(images: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean over a window x window box clipped at the borders, as two 1-D passes (the clipped box is a product of
+    row and column ranges, so the 2-D mean factorises): O(2k) instead of O(k^2) per pixel."""
+    pad = window // 2
+    rows = F.avg_pool2d(images, kernel_size=(window, 1), stride=1, padding=(pad, 0), count_include_pad=False)
+    return F.avg_pool2d(rows, kernel_size=(1, window), stride=1, padding=(0, pad), count_include_pad=False)
 
 
 def random_token_mask(batch_size: int, num_patches: int, mask_ratio: float, device) -> torch.Tensor:
@@ -81,7 +89,10 @@ class PMIM(nn.Module):
 
     def _mask_tokens(self, module, args, embeddings):
         self._token_mask = None
-        if not (self.active and self.training and self.mask_ratio > 0):
+        # The MODEL's mode (the hooked embeddings module), not this module's: a method attached to a model that is
+        # already in eval mode (as from_pretrained returns it) is itself still in training mode until the next
+        # model.train()/eval(), and would otherwise mask tokens at inference.
+        if not (self.active and module.training and self.mask_ratio > 0):
             return embeddings
         batch_size, num_tokens, _ = embeddings.shape
         num_patches = num_tokens - self.num_prefix_tokens

@@ -109,7 +109,8 @@ class CompressedViTAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         if self.num_heads == 0:  # every head was pruned: only the output bias remains
-            return self.o_proj.bias.expand_as(hidden_states)
+            # a fresh tensor, not a view of the parameter (tools such as FlopCounterMode expect a grad_fn)
+            return torch.zeros_like(hidden_states) + self.o_proj.bias
         batch_size, seq_length, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch_size, seq_length, self.num_heads, -1).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch_size, seq_length, self.num_heads, -1).transpose(1, 2)
