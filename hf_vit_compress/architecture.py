@@ -132,6 +132,41 @@ class Architecture:
             ],
         }
 
+    def validate(self, dense_config, num_blocks: int | None = None) -> None:
+        """Raise a ValueError naming the field if this architecture does not fit the dense model `dense_config`
+        (`ViTConfig`/`DeiTConfig`): wrong number of layers, indices out of range or repeated, wrong scale shapes."""
+        head_dim = dense_config.hidden_size // dense_config.num_attention_heads
+        width = dense_config.num_attention_heads * head_dim
+        num_blocks = dense_config.num_hidden_layers if num_blocks is None else num_blocks
+        if len(self.layers) != num_blocks:
+            raise ValueError(f"architecture.layers has {len(self.layers)} entries but the model has {num_blocks} blocks")
+        _check_units("hidden_channels", self.hidden_channels, dense_config.hidden_size, allow_empty=False)
+        _check_scale("hidden_scale", self.hidden_scale, dense_config.hidden_size)
+        for index, layer in enumerate(self.layers):
+            _check_scale(f"layers[{index}].qk_scale", layer.qk_scale, width)
+            _check_scale(f"layers[{index}].v_scale", layer.v_scale, width)
+            _check_scale(f"layers[{index}].mlp_scale", layer.mlp_scale, dense_config.intermediate_size)
+            _check_units(f"layers[{index}].heads", layer.heads, dense_config.num_attention_heads)
+            _check_units(f"layers[{index}].mlp_neurons", layer.mlp_neurons, dense_config.intermediate_size)
+            for name in ("qk_channels", "v_channels"):
+                for head, channels in zip(layer.heads, getattr(layer, name)):
+                    _check_units(f"layers[{index}].{name} (head {head})", channels, head_dim, allow_empty=False)
+
     def same_units(self, other: "Architecture") -> bool:
         """True when both keep exactly the same units (scales are ignored)."""
         return self.to_dict() == other.to_dict()
+
+
+def _check_scale(name: str, scale: torch.Tensor | None, size: int) -> None:
+    if scale is not None and tuple(scale.shape) != (size,):
+        raise ValueError(
+            f"architecture.{name} must have shape ({size},) (one entry per dense unit), got {tuple(scale.shape)}"
+        )
+
+
+def _check_units(name: str, units: list[int], size: int, allow_empty: bool = True) -> None:
+    if (not units and not allow_empty) or len(set(units)) != len(units) or any(not 0 <= u < size for u in units):
+        raise ValueError(
+            f"architecture.{name} must be distinct indices in [0, {size})"
+            f"{'' if allow_empty else ' (at least one)'}, got {list(units)[:16]}{'...' if len(units) > 16 else ''}"
+        )

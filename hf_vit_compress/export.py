@@ -75,41 +75,6 @@ def compressed_config(dense_config, architecture: Architecture, parts: ModelPart
     )
 
 
-def _check_architecture(architecture: Architecture, parts: ModelParts) -> None:
-    config = parts.backbone.config
-    head_dim = config.hidden_size // config.num_attention_heads
-    if len(architecture.layers) != len(parts.blocks):
-        raise ValueError(
-            f"architecture.layers has {len(architecture.layers)} entries but the model has {len(parts.blocks)} blocks"
-        )
-    _check_units("hidden_channels", architecture.hidden_channels, config.hidden_size, allow_empty=False)
-    _check_scale("hidden_scale", architecture.hidden_scale, config.hidden_size)
-    for index, layer in enumerate(architecture.layers):
-        _check_scale(f"layers[{index}].qk_scale", layer.qk_scale, config.num_attention_heads * head_dim)
-        _check_scale(f"layers[{index}].v_scale", layer.v_scale, config.num_attention_heads * head_dim)
-        _check_scale(f"layers[{index}].mlp_scale", layer.mlp_scale, config.intermediate_size)
-        _check_units(f"layers[{index}].heads", layer.heads, config.num_attention_heads)
-        _check_units(f"layers[{index}].mlp_neurons", layer.mlp_neurons, config.intermediate_size)
-        for name in ("qk_channels", "v_channels"):
-            for head, channels in zip(layer.heads, getattr(layer, name)):
-                _check_units(f"layers[{index}].{name} (head {head})", channels, head_dim, allow_empty=False)
-
-
-def _check_scale(name: str, scale: torch.Tensor | None, size: int) -> None:
-    if scale is not None and tuple(scale.shape) != (size,):
-        raise ValueError(
-            f"architecture.{name} must have shape ({size},) (one entry per dense unit), got {tuple(scale.shape)}"
-        )
-
-
-def _check_units(name: str, units: list[int], size: int, allow_empty: bool = True) -> None:
-    if (not units and not allow_empty) or len(set(units)) != len(units) or any(not 0 <= u < size for u in units):
-        raise ValueError(
-            f"architecture.{name} must be distinct indices in [0, {size})"
-            f"{'' if allow_empty else ' (at least one)'}, got {list(units)[:16]}{'...' if len(units) > 16 else ''}"
-        )
-
-
 @torch.no_grad()
 def export_compressed_model(model: nn.Module, architecture: Architecture) -> CompressedViTForImageClassification:
     """Build the compressed model that keeps exactly the units of `architecture`.
@@ -123,7 +88,7 @@ def export_compressed_model(model: nn.Module, architecture: Architecture) -> Com
         A `CompressedViTForImageClassification` in eval mode, on the dense model's device, in float32.
     """
     parts = model_parts(model)
-    _check_architecture(architecture, parts)
+    architecture.validate(model.config, num_blocks=len(parts.blocks))
     config = compressed_config(model.config, architecture, parts)
     config._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
     device = parts.patch_projection.weight.device

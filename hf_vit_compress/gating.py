@@ -215,6 +215,7 @@ def _unit_mask(size: int, kept: list[int], scale: torch.Tensor | None, device) -
 def architecture_masks(architecture: Architecture, parts: ModelParts, device=None) -> Masks:
     """The hard masks under which the dense model computes exactly what the exported model computes."""
     config = parts.backbone.config
+    architecture.validate(config, num_blocks=len(parts.blocks))
     head_dim = config.hidden_size // config.num_attention_heads
     width = config.num_attention_heads * head_dim
     device = device or parts.patch_projection.weight.device
