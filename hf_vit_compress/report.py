@@ -43,22 +43,32 @@ def plot_bimask_evolution(history: list[dict], path: str | Path, title: str = "O
     return Path(path)
 
 
-def plot_scalars(history: list[dict], path: str | Path, keys: list[str], title: str) -> Path:
-    """Small multiples of the given scalar series (e.g. UVC's budget ratio R, dual z, kept widths)."""
+def plot_uvc_search(history: list[dict], path: str | Path, title: str = "UVC search") -> Path:
+    """UVC's search: budget ratio R against the budget B, the budget dual z, and per block the kept heads, value
+    head dim, MLP width and run probability (a block whose run probability ends under 0.5 is skipped)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [key for key in keys if any(key in entry for entry in history)]
-    columns = min(4, max(1, len(keys)))
-    rows = (len(keys) + columns - 1) // columns
-    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows), squeeze=False, sharex=True)
-    for axis, key in zip(axes.flat, keys):
-        axis.plot(*_series(history, key))
-        axis.set_title(key, fontsize=9)
-    for axis in list(axes.flat)[len(keys):]:
-        axis.axis("off")
+    figure, axes = plt.subplots(2, 3, figsize=(12, 6), sharex=True)
+    axes[0, 0].plot(*_series(history, "uvc/ratio"), label="R (expected)")
+    axes[0, 0].plot(*_series(history, "uvc/hard_ratio"), label="R (hard)")
+    axes[0, 0].plot(*_series(history, "uvc/budget"), ":", color="grey", label="budget B")
+    axes[0, 0].set_title("MACs ratio", fontsize=9)
+    axes[0, 0].legend(fontsize=7)
+    axes[0, 1].plot(*_series(history, "uvc/budget_dual"))
+    axes[0, 1].set_title("budget dual z", fontsize=9)
+    panels = [("heads", axes[0, 2]), ("v_head_dim", axes[1, 0]), ("mlp_width", axes[1, 1]),
+              ("run_probability", axes[1, 2])]
+    blocks = sorted({int(key.split("/")[1]) for entry in history for key in entry if key.startswith("heads/")})
+    for prefix, axis in panels:
+        for block in blocks:
+            axis.plot(*_series(history, f"{prefix}/{block}"), label=f"block {block}")
+        axis.set_title(f"{prefix.replace('_', ' ')} per block", fontsize=9)
+    axes[1, 2].axhline(0.5, color="grey", linestyle=":")
+    if blocks:
+        axes[0, 2].legend(fontsize=6, ncol=2)
     figure.suptitle(title)
     figure.supxlabel("optimizer step")
     figure.tight_layout()
