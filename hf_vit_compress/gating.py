@@ -132,6 +132,8 @@ class GateHandle:
             original = getattr(parent, name)
             setattr(parent, name, MaskedLayerNorm(original, self))
             self._swapped.append((parent, name, original))
+        if hasattr(self.provider, "install_hooks"):
+            self.provider.install_hooks()
 
     def _gate_linear(self, linear: nn.Linear, mask_of) -> None:
         # An instance attribute shadows nn.Linear.forward; deleting it restores the class's forward.
@@ -170,6 +172,8 @@ class GateHandle:
         return hook
 
     def remove(self) -> None:
+        if hasattr(self.provider, "remove_hooks"):
+            self.provider.remove_hooks()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()

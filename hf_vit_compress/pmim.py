@@ -53,7 +53,8 @@ def random_token_mask(batch_size: int, num_patches: int, mask_ratio: float, devi
 
 
 class PMIM(nn.Module):
-    """Mask token + decoder; hooks into the model to mask patch tokens and capture the final token states.
+    """Mask token + decoder; once `install`ed, hooks into the model to mask patch tokens and capture the final
+    token states.
 
     Args:
         parts: the model's `ModelParts`.
@@ -81,11 +82,17 @@ class PMIM(nn.Module):
         self.active = True
         self._token_mask: torch.Tensor | None = None
         self._last_hidden: torch.Tensor | None = None
-        self.__dict__["_hooks"] = [
+        self.__dict__["_hooks"] = []
+
+    def install(self, parts: ModelParts) -> None:
+        """Hook into the model: mask patch tokens in the embeddings' output, capture the final token states."""
+        if self._hooks:
+            return
+        self._hooks.extend([
             # prepend: replace tokens before the embedding gate scales them (the mask token is gated too)
             parts.embeddings.register_forward_hook(self._mask_tokens, prepend=True),
             parts.backbone.register_forward_hook(self._capture_hidden),
-        ]
+        ])
 
     def _mask_tokens(self, module, args, embeddings):
         self._token_mask = None

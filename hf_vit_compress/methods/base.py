@@ -11,9 +11,16 @@ Life cycle, driven by `CompressionTrainer`:
     after_optimizer_step(lr)      after the optimizer stepped (proximal / dual updates)
     on_step_end(step)             after every optimizer step (candidate elimination, ...)
     finalize()                    once, when the search ends: the architecture is fixed, masks become hard
+
+Multi-process (data-parallel) runs: everything the search decides lives in the method's parameters and buffers, so
+it is part of the model that DDP keeps in sync and that checkpoints save. `state_digest()` and `broadcast_state()`
+let the trainer CHECK that every rank holds the same search state (at train begin and when the search ends) and
+make rank 0's authoritative if they ever differ; `state_changed()` drops the Python-side caches derived from them.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 from torch import nn
@@ -52,6 +59,14 @@ class CompressionMethod(nn.Module):
         self.final_architecture: Architecture | None = None
 
     parts: ModelParts
+
+    # -- hooks -------------------------------------------------------------------------------------------------
+    def install_hooks(self) -> None:
+        """Attach any hooks of the method's own (called by `gating.install_gates`); construction has no side
+        effect on the model, so building a method is also a cheap way to validate a config against a model."""
+
+    def remove_hooks(self) -> None:
+        """Detach what `install_hooks` attached (called by `GateHandle.remove`)."""
 
     # -- schedule ----------------------------------------------------------------------------------------------
     def configure_schedule(self, total_search_steps: int, steps_per_epoch: float) -> None:
@@ -126,3 +141,43 @@ class CompressionMethod(nn.Module):
 
     def architecture_macs(self, architecture: Architecture) -> int:
         return architecture_macs(self.geometry, architecture)
+
+    # -- multi-process (scale-out) -----------------------------------------------------------------------------
+    def search_state(self) -> dict[str, torch.Tensor]:
+        """Every tensor the search decides with: all parameters and buffers (non-persistent ones included)."""
+        return {**dict(self.named_parameters()), **dict(self.named_buffers())}
+
+    @torch.no_grad()
+    def state_digest(self) -> str:
+        """sha256 of the search state (names, dtypes, shapes and bytes): equal on two ranks iff their states are
+        bit-identical. Used by `CompressionTrainer` to check data-parallel ranks agree (and by the tests)."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.search_state().items()):
+            data = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    @torch.no_grad()
+    def broadcast_state(self, src: int = 0) -> None:
+        """Overwrite this rank's search state with rank `src`'s (torch.distributed, every rank must call it), then
+        drop the caches derived from it (`state_changed`). A no-op outside an initialised process group."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        for tensor in self.search_state().values():
+            data = tensor.data
+            # gloo has no bool type and collectives need contiguous memory: go through a uint8 / contiguous copy
+            buffer = data.to(torch.uint8) if data.dtype == torch.bool else data.contiguous()
+            dist.broadcast(buffer, src=src)
+            if buffer is not data:
+                data.copy_(buffer.to(data.dtype))
+        self.state_changed()
+
+    def state_changed(self) -> None:
+        """The parameters/buffers were overwritten from outside (e.g. `broadcast_state`): rebuild what is cached
+        from them. After the search that is the final architecture and its masks (re-derived by `decide()`, which
+        every method answers from its final buffers once `finalized` is set)."""
+        self._final_masks = None
+        self.final_architecture = self.decide() if bool(self.finalized) else None

@@ -288,6 +288,14 @@ class OFBMethod(CompressionMethod):
                 "ofb.mlp_ratios, ofb.embed_min_ratio)."
             )
 
+    def install_hooks(self) -> None:
+        if self.pmim is not None:
+            self.pmim.install(self.parts)
+
+    def remove_hooks(self) -> None:
+        if self.pmim is not None:
+            self.pmim.remove_hooks()
+
     # -- schedule ----------------------------------------------------------------------------------------------
     def set_progress(self, step: int) -> None:
         settings = self.settings
