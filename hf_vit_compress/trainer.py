@@ -7,6 +7,7 @@ and resume. Everything method-specific goes through `methods.base.CompressionMet
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -14,7 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging
 
 from .architecture import Architecture
 from .config import CompressionConfig
@@ -26,6 +28,8 @@ from .targets import model_parts
 
 #: name of the submodule that holds the method's gates inside the compressed model
 GATES_ATTRIBUTE = "compression"
+
+logger = logging.get_logger(__name__)
 
 
 class CompressionTrainer(Trainer):
@@ -43,6 +47,10 @@ class CompressionTrainer(Trainer):
         compression_config: what to compress to and with which method.
         teacher: optional frozen teacher (any image classifier with the same labels). UVC uses a frozen copy
             of the dense model when none is given; OFB distils only when one is given.
+        steps_per_epoch: optimizer steps per epoch, for the method's per-epoch schedules (OFB eliminates
+            candidates `eliminations_per_epoch` times per epoch). Defaults to the train dataloader's length; a
+            streaming dataset has none, so pass it (e.g. ceil(num_examples / global batch)); without it the
+            whole run counts as one epoch.
         **kwargs: everything else `transformers.Trainer` takes (train_dataset, eval_dataset, data_collator,
             compute_metrics, callbacks, ...).
     """
@@ -53,6 +61,7 @@ class CompressionTrainer(Trainer):
         args=None,
         compression_config: CompressionConfig | None = None,
         teacher: nn.Module | None = None,
+        steps_per_epoch: int | None = None,
         **kwargs,
     ):
         if model is None:
@@ -70,6 +79,27 @@ class CompressionTrainer(Trainer):
             teacher = frozen_teacher_copy(model)  # taken before gates exist: the dense model
         model.add_module(GATES_ATTRIBUTE, method)
         self.gate_handle = install_gates(model, method)
+        # Scale-out: DDP must NOT search for unused parameters. Method losses use parameters outside the model's
+        # forward (the PMIM decoder, alpha in the FLOPs loss), which find_unused_parameters=True reports as unused
+        # and then fails on ("Expected to mark a variable ready only once"); and the Trainer's own default for a
+        # PreTrainedModel is True. Parameters that stop getting gradients (alpha after the search, the decoder once
+        # PMIM is off, UVC's theta in its skip warm-up, skipped blocks) are handled in `compute_loss` instead.
+        if args is None:
+            args = TrainingArguments(output_dir="tmp_trainer")  # what Trainer would build, made explicit
+        if args.ddp_find_unused_parameters is None:
+            args.ddp_find_unused_parameters = False
+        elif args.ddp_find_unused_parameters:
+            raise ValueError(
+                "TrainingArguments.ddp_find_unused_parameters=True is not supported by CompressionTrainer: allowed "
+                "False or None (None -> False). The method's losses use parameters outside the model's forward, "
+                "which DDP's unused-parameter search rejects; every trainable parameter gets a gradient each step "
+                "instead."
+            )
+        if steps_per_epoch is not None and int(steps_per_epoch) < 1:
+            raise ValueError(
+                f"CompressionTrainer: steps_per_epoch={steps_per_epoch!r} is invalid: allowed None or >= 1"
+            )
+        self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
         super().__init__(model=model, args=args, **kwargs)
         self.teacher = teacher
         # The loss is a per-batch mean; let the Trainer divide by gradient_accumulation_steps itself.
@@ -122,7 +152,20 @@ class CompressionTrainer(Trainer):
             logs = {"task_loss": float(task_loss.detach()), **logs}
             for key, value in logs.items():
                 self._method_logs.setdefault(key, []).append(value)
+            if isinstance(model, nn.parallel.DistributedDataParallel):
+                loss = loss + self._zero_gradient_term(model.module)
         return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _zero_gradient_term(model: nn.Module) -> torch.Tensor:
+        """0 * sum of every trainable parameter (scale-out). Under DDP (find_unused_parameters=False) every
+        parameter must receive a gradient in every backward, or the next step fails with "Expected to have
+        finished reduction in the prior iteration". Which parameters the search uses changes during training
+        (alpha and the PMIM decoder go unused after the search, UVC's theta during its skip warm-up, weights of
+        skipped blocks after it), so each one gets an exact zero contribution here. Only under DDP: a single
+        process never sees a zero gradient where it would have seen none."""
+        terms = [parameter.sum().float() for parameter in model.parameters() if parameter.requires_grad]
+        return torch.stack(terms).sum() * 0.0
 
     def _task_loss(self, outputs, labels: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         smoothing = self.args.label_smoothing_factor
@@ -181,6 +224,50 @@ class CompressionTrainer(Trainer):
             self.compression_config.save(output_dir / "compression_config.json")
         self.accelerator.wait_for_everyone()
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Checkpoints of the gated model are written under the model's own parameter names. `save_pretrained`
+        # defaults to save_original_format=True, which renames ViT/DeiT weights to their legacy layout
+        # (vit.encoder.layer.N.attention.attention.query...), while `Trainer._load_from_checkpoint` reloads with a
+        # plain non-strict `load_state_dict`: a resumed run silently kept its initial block weights
+        # (huggingface/transformers#48805).
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        model.__dict__["save_pretrained"] = functools.partial(type(model).save_pretrained, model,
+                                                              save_original_format=False)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            model.__dict__.pop("save_pretrained", None)
+
+    # -- multi-process (scale-out) -----------------------------------------------------------------------------
+    def _is_data_parallel(self) -> bool:
+        """A multi-process DDP run whose ranks each hold the whole method (FSDP / DeepSpeed shard it: not checked)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return False
+        return not (getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False))
+
+    def synchronize_search_state(self, when: str) -> bool:
+        """Check that every rank holds bit-identical search state (OFB: alpha, S, active candidates, keep sets;
+        UVC: theta, counts, duals, ...) and, if not, make rank 0's authoritative (broadcast) so that all ranks keep
+        deciding the same. Every rank must call it (the trainer's callback does, at train begin and when the
+        search ends). Returns True when the ranks already agreed (always True in a single process)."""
+        if not self._is_data_parallel():
+            return True
+        import torch.distributed as dist
+
+        method = self.method
+        digests: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, method.state_digest())
+        if len(set(digests)) == 1:
+            return True
+        logger.warning(
+            f"CompressionTrainer ({when}): the search state differs between ranks (digests "
+            f"{[d[:12] for d in digests]}); broadcasting rank 0's to every rank."
+        )
+        method.broadcast_state(src=0)
+        return False
+
 
 class CompressionCallback(TrainerCallback):
     """Drives the method's schedules from the Trainer's state: resumable because all of it is a function of
@@ -191,11 +278,21 @@ class CompressionCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         method = self.trainer.method
-        steps_per_epoch = state.max_steps
-        try:
-            steps_per_epoch = max(1, len(train_dataloader) // args.gradient_accumulation_steps)
-        except TypeError:  # an IterableDataset: no length; elimination runs by optimizer steps only
-            pass
+        # Scale-out: every rank must start from the same search state (DDP broadcast it when wrapping the model;
+        # a resumed run loaded the same checkpoint everywhere): checked, and rank 0's enforced if not.
+        self.trainer.synchronize_search_state("train begin")
+        steps_per_epoch = self.trainer.steps_per_epoch  # explicit (streaming datasets: from the example count)
+        if steps_per_epoch is None:
+            try:
+                steps_per_epoch = max(1, len(train_dataloader) // args.gradient_accumulation_steps)
+            except TypeError:  # an IterableDataset without steps_per_epoch: the whole run counts as one epoch
+                steps_per_epoch = state.max_steps
+                logger.warning(
+                    "CompressionTrainer: the train dataset has no length and no steps_per_epoch was given; per-epoch "
+                    f"schedules (OFB candidate elimination) treat the whole run ({state.max_steps} steps) as one "
+                    "epoch. Pass CompressionTrainer(steps_per_epoch=...) (the CLI derives it from "
+                    "data.num_train_examples)."
+                )
         search_steps = max(1, math.ceil(self.trainer.compression_config.search_fraction * state.max_steps))
         method.configure_schedule(search_steps, steps_per_epoch)
         method.set_progress(state.global_step)
@@ -217,10 +314,16 @@ class CompressionCallback(TrainerCallback):
             self._record(state.global_step, method)
             if state.global_step >= method.total_search_steps:
                 method.finalize()
+                # Scale-out: the final architecture must be the same on every rank (checked; rank 0's enforced).
+                self.trainer.synchronize_search_state("end of search")
                 self._record(state.global_step, method)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.trainer.method.finalize()
+        method = self.trainer.method
+        was_searching = not method.search_finished
+        method.finalize()
+        if was_searching:  # stopped before the search's last step: same check as at the end of the search
+            self.trainer.synchronize_search_state("train end")
 
     def _record(self, step: int, method: CompressionMethod) -> None:
         every = max(1, method.total_search_steps // 200)
