@@ -1,4 +1,13 @@
-"""Command line: `hf-vit-compress demo ...` (also `python -m hf_vit_compress demo ...`)."""
+"""Command line (also `python -m hf_vit_compress ...`, and `accelerate launch -m hf_vit_compress ...`):
+
+    hf-vit-compress demo [--method ofb|uvc] [--target-flops 0.5] ...       the offline end-to-end demo
+    hf-vit-compress train --recipe FILE_OR_NAME [--section.key VALUE ...]  compress a ViT/DeiT with a recipe
+
+Overrides of `train`: `--compression.target_flops 0.4`, `--compression.ofb.arch_lr 5e-2`, `--training.max_steps 5`
+(or just `--max_steps 5`: a bare name is looked up in the model/data/training/compression fields),
+`--data.train_files a.parquet b.parquet` (lists), `--training.bf16` (a bare flag is true). Errors are one line on
+stderr with exit status 2.
+"""
 
 from __future__ import annotations
 
@@ -56,16 +65,54 @@ def _run_demo(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _train_parser(subparsers) -> None:
+    from .recipes import recipe_help
+
+    train = subparsers.add_parser(
+        "train",
+        help="compress a ViT/DeiT with a recipe (recipes/*.yaml) and optional --section.key overrides",
+        description="Load a recipe, apply overrides, run CompressionTrainer (search + fine-tune), evaluate, and save "
+        "the compressed model to <output_dir>/compressed_model. Multi-GPU: accelerate launch --config_file "
+        "recipes/accelerate_multi_gpu.yaml -m hf_vit_compress train --recipe ...",
+        epilog="overrides (after --recipe): --section.key VALUE, sections model, data, training, compression "
+        "(nested: --compression.ofb.arch_lr 0.05); a bare --key is a field of one of them (--max_steps 5).\n\n"
+        + recipe_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    train.add_argument("--recipe", required=True, help="recipe YAML file, or a name from recipes/ (deit_small_ofb)")
+
+
+def _run_train(arguments: argparse.Namespace, overrides: list[str]) -> int:
+    from .recipes import run_recipe, setup_from_args
+
+    setup = setup_from_args(arguments.recipe, overrides)
+    report = run_recipe(setup)
+    if setup.training.process_index == 0:
+        summary = {key: report[key] for key in ("model", "method", "target_flops", "compressed_macs_ratio", "steps")}
+        summary["eval_accuracy"] = report["metrics"].get("eval_accuracy")
+        print(json.dumps(summary))
+        print(f"wrote {report['compressed_model']} and {setup.training.output_dir}/compression_report.json")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hf-vit-compress", description=__doc__)
+    parser = argparse.ArgumentParser(prog="hf-vit-compress", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _demo_parser(subparsers)
-    arguments = parser.parse_args(argv)
+    _train_parser(subparsers)
+    arguments, extra = parser.parse_known_args(argv)
     try:
         if arguments.command == "demo":
+            if extra:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
             return _run_demo(arguments)
+        if arguments.command == "train":
+            return _run_train(arguments, extra)
     except ValueError as error:  # configuration errors: one clear line, no traceback
-        print(f"error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 1
 
