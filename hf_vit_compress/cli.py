@@ -38,6 +38,8 @@ def _demo_parser(subparsers) -> None:
     demo.add_argument("--finetune-epochs", type=int, default=defaults.finetune_epochs)
     demo.add_argument("--batch-size", type=int, default=defaults.batch_size)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.add_argument("--threads", type=int, default=defaults.num_threads,
+                      help="torch CPU threads (default %(default)s: fastest for the tiny demo model; 0 = torch default)")
 
 
 def _run_demo(arguments: argparse.Namespace) -> int:
@@ -56,6 +58,7 @@ def _run_demo(arguments: argparse.Namespace) -> int:
         finetune_epochs=arguments.finetune_epochs,
         batch_size=arguments.batch_size,
         progress=not arguments.no_progress,
+        num_threads=arguments.threads or None,
     )
     report = run_demo(settings)
     summary = {key: report[key] for key in ("method", "target_flops", "dense_accuracy", "compressed_accuracy",
