@@ -146,11 +146,14 @@ def _export_block(target, block: BlockParts, layer: LayerArchitecture, hidden: t
     _copy_linear(target.mlp.fc2, block.fc2, rows=hidden, cols=neurons)
 
 
-def save_atomically(model, output_dir: str | os.PathLike, **save_kwargs) -> Path:
+def save_atomically(
+    model, output_dir: str | os.PathLike, extra_files: dict[str, str] | None = None, **save_kwargs
+) -> Path:
     """`model.save_pretrained(output_dir)` that never leaves a half-written folder where a good one was.
 
-    The model is written to a temporary sibling folder first; only when that succeeded is it moved into place
-    (the previous folder, if any, is kept until the move has happened and then removed).
+    The model (and `extra_files`, name -> text, written beside it) goes to a temporary sibling folder first; only
+    when all of it succeeded is it moved into place (the previous folder, if any, is kept until the move has
+    happened and then removed).
     """
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +165,8 @@ def save_atomically(model, output_dir: str | os.PathLike, **save_kwargs) -> Path
     backup = None
     try:
         model.save_pretrained(staging, **save_kwargs)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
         if output_dir.exists():
             backup = output_dir.with_name(f".{output_dir.name}.old-{token}")
             os.replace(output_dir, backup)

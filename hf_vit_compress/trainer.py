@@ -209,19 +209,21 @@ class CompressionTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (internal calls) save the gated model so training can resume. A user's call after the search
-        writes the compressed model (safetensors + modeling files + auto_map), its architecture and the
-        compression config, atomically: a failure leaves any previous folder untouched."""
+        writes the compressed model (safetensors + modeling files + auto_map), its `architecture.json` and
+        `compression_config.json`, atomically: a failure leaves any previous folder untouched. Without a path it
+        goes to `<args.output_dir>/compressed_model` (replacing `args.output_dir` itself would delete the
+        checkpoints in it)."""
         method = self.method
         if _internal_call or not method.search_finished:
             return super().save_model(output_dir, _internal_call)
-        output_dir = Path(output_dir or self.args.output_dir)
+        output_dir = Path(output_dir) if output_dir else Path(self.args.output_dir) / "compressed_model"
         compressed = self.export_compressed_model()  # every rank builds it; only the main one writes
         if self.args.should_save:
-            save_atomically(compressed, output_dir)
-            (output_dir / "architecture.json").write_text(
-                json.dumps(method.export_architecture().to_dict()) + "\n"
-            )
-            self.compression_config.save(output_dir / "compression_config.json")
+            extra_files = {
+                "architecture.json": json.dumps(method.export_architecture().to_dict()) + "\n",
+                "compression_config.json": self.compression_config.to_json_string() + "\n",
+            }
+            save_atomically(compressed, output_dir, extra_files=extra_files)
         self.accelerator.wait_for_everyone()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

@@ -218,3 +218,30 @@ def test_missing_compression_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="compression_config"):
         CompressionTrainer(model=model, args=training_args(tmp_path), compression_config={"method": "ofb"})
     assert not hasattr(model, "compression")  # nothing was attached
+
+
+def test_save_model_without_a_path_keeps_the_checkpoints(tmp_path):
+    """A bare `trainer.save_model()` after the search must not replace output_dir (and the checkpoints in it)."""
+    import torch
+    from conftest import make_vit_classifier
+    from transformers import TrainingArguments
+
+    from hf_vit_compress import CompressionConfig, CompressionTrainer
+
+    class Tiny(torch.utils.data.Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, index):
+            generator = torch.Generator().manual_seed(index)
+            return {"pixel_values": torch.randn(3, 16, 16, generator=generator), "labels": index % 5}
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, save_steps=2,
+                             save_strategy="steps", report_to=[], use_cpu=True, disable_tqdm=True)
+    trainer = CompressionTrainer(model=make_vit_classifier(), args=args, train_dataset=Tiny(),
+                                 compression_config=CompressionConfig(method="ofb", target_flops=0.5))
+    trainer.train()
+    trainer.save_model()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    saved = tmp_path / "compressed_model"
+    assert {"model.safetensors", "architecture.json", "compression_config.json"} <= {p.name for p in saved.iterdir()}
