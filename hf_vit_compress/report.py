@@ -35,12 +35,7 @@ def plot_bimask_evolution(history: list[dict], path: str | Path, title: str = "O
     for axis in list(axes.flat)[len(modules):]:
         axis.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower left")
-    figure.suptitle(title)
-    figure.supxlabel("optimizer step")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return Path(path)
+    return _save(figure, title, path)
 
 
 def plot_uvc_search(history: list[dict], path: str | Path, title: str = "UVC search") -> Path:
@@ -69,6 +64,17 @@ def plot_uvc_search(history: list[dict], path: str | Path, title: str = "UVC sea
     axes[1, 2].axhline(0.5, color="grey", linestyle=":")
     if blocks:
         axes[0, 2].legend(fontsize=6, ncol=2)
+    return _save(figure, title, path)
+
+
+def _module_order(name: str):
+    kind, _, index = name.partition(".")
+    return (int(index) if index.isdigit() else -1, kind)
+
+
+def _save(figure, title: str, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     figure.suptitle(title)
     figure.supxlabel("optimizer step")
     figure.tight_layout()
@@ -76,7 +82,3 @@ def plot_uvc_search(history: list[dict], path: str | Path, title: str = "UVC sea
     plt.close(figure)
     return Path(path)
 
-
-def _module_order(name: str):
-    kind, _, index = name.partition(".")
-    return (int(index) if index.isdigit() else -1, kind)

@@ -230,3 +230,13 @@ def _compressed_model():
 @pytest.fixture(name="pixel_values")
 def _pixel_values():
     return make_pixel_values()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models run fastest on one intra-op thread; more threads mostly spin-wait, badly so on a busy machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+

@@ -28,14 +28,6 @@ RECIPES = sorted(p.stem for p in (REPO / "recipes").glob("deit_*.yaml"))
 EXPECTED_RECIPES = [f"deit_{size}_{method}" for method in ("ofb", "uvc") for size in ("tiny", "small", "base")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is much faster on a shared CPU (no spinning threads fighting for cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def _uvc_unavailable() -> str | None:
     try:

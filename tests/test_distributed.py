@@ -31,14 +31,6 @@ SCRIPT = REPO / "tests" / "scripts" / "ddp_search.py"
 PHASES = ("full", "stop", "resume", "diverge", "uvc")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is much faster on a shared CPU (no spinning threads fighting for cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # 2 processes

@@ -30,14 +30,6 @@ FACTORIES = {"vit": make_vit_classifier, "deit": make_deit_classifier, "deit-tea
 MODEL_KINDS = list(FACTORIES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and steadier on a shared machine than fighting for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def dense(kind: str, **overrides):
     model = FACTORIES[kind](seed=0, **{"num_hidden_layers": NUM_LAYERS, **overrides})

@@ -19,14 +19,6 @@ from hf_vit_compress import CompressionConfig, count_macs
 from hf_vit_compress.trainer import CompressionTrainer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is much faster on a shared CPU (no spinning threads fighting for cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 class TinyImages(torch.utils.data.Dataset):
     def __init__(self, count: int = 16):

@@ -34,14 +34,6 @@ from hf_vit_compress.targets import model_parts
 DEFAULT_RATIOS = OFBConfig().head_dim_ratios
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and steadier on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def width_module(num_units: int, widths: list[int]) -> SearchableWidth:
     return SearchableWidth((num_units,), widths, score_std=0.2, norm_coefficient=1e-4, sigma_eps=1e-3)

@@ -20,14 +20,6 @@ from hf_vit_compress.trainer import CompressionTrainer
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and steadier on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_dataset(size: int = 40, seed: int = 0) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)

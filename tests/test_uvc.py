@@ -20,14 +20,6 @@ from hf_vit_compress.methods.uvc import UVCMethod, least_k_sum
 NUM_LABELS = 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the machine is shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_vit(layers: int = 3, seed: int = 0) -> ViTForImageClassification:
     torch.manual_seed(seed)
@@ -260,15 +252,12 @@ def test_decide_meets_the_budget_without_search(target):
 @pytest.fixture(scope="module")
 def searched():
     """A tiny 3-block ViT after a short UVC search under a 15% budget, finalized."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     model = tiny_vit(layers=3)
     teacher = frozen_teacher_copy(model)
     config = uvc_config(0.15, skip_warmup_fraction=0.2, theta_budget_weight=1.0)
     method = gated(model, config)
     search(model, method, teacher, steps=20)
     decided = method.decide()
-    torch.set_num_threads(threads)
     return model, method, config, decided
 
 
