@@ -40,7 +40,9 @@ class LayerArchitecture:
         for name in ("qk_channels", "v_channels"):
             per_head = getattr(self, name)
             if len(per_head) != len(self.heads):
-                raise ValueError(f"{name} needs one channel list per kept head ({len(self.heads)}), got {len(per_head)}")
+                raise ValueError(
+                    f"{name} needs one channel list per kept head ({len(self.heads)}), got {len(per_head)}"
+                )
             if len({len(channels) for channels in per_head}) > 1:
                 raise ValueError(f"{name}: every kept head must keep the same number of channels")
 
@@ -139,7 +141,9 @@ class Architecture:
         width = dense_config.num_attention_heads * head_dim
         num_blocks = dense_config.num_hidden_layers if num_blocks is None else num_blocks
         if len(self.layers) != num_blocks:
-            raise ValueError(f"architecture.layers has {len(self.layers)} entries but the model has {num_blocks} blocks")
+            raise ValueError(
+                f"architecture.layers has {len(self.layers)} entries but the model has {num_blocks} blocks"
+            )
         _check_units("hidden_channels", self.hidden_channels, dense_config.hidden_size, allow_empty=False)
         _check_scale("hidden_scale", self.hidden_scale, dense_config.hidden_size)
         for index, layer in enumerate(self.layers):

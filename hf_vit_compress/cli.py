@@ -39,7 +39,7 @@ def _demo_parser(subparsers) -> None:
     demo.add_argument("--batch-size", type=int, default=defaults.batch_size)
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.add_argument("--threads", type=int, default=defaults.num_threads,
-                      help="torch CPU threads (default %(default)s: fastest for the tiny demo model; 0 = torch default)")
+                      help="torch CPU threads (default %(default)s: fastest for the tiny model; 0 = torch's default)")
 
 
 def _run_demo(arguments: argparse.Namespace) -> int:

@@ -139,10 +139,12 @@ def _export_block(target, block: BlockParts, layer: LayerArchitecture, hidden: t
     attention = target.attention
     _copy_linear(attention.q_proj, block.q_proj, rows=qk_rows, cols=hidden, row_scale=qk_scale)
     _copy_linear(attention.k_proj, block.k_proj, rows=qk_rows, cols=hidden, row_scale=qk_scale)
-    _copy_linear(attention.v_proj, block.v_proj, rows=v_rows, cols=hidden, row_scale=_scale_vector(layer.v_scale, v_rows))
+    v_scale = _scale_vector(layer.v_scale, v_rows)
+    _copy_linear(attention.v_proj, block.v_proj, rows=v_rows, cols=hidden, row_scale=v_scale)
     _copy_linear(attention.o_proj, block.o_proj, rows=hidden, cols=v_rows)
     neurons = _index(layer.mlp_neurons, device)
-    _copy_linear(target.mlp.fc1, block.fc1, rows=neurons, cols=hidden, row_scale=_scale_vector(layer.mlp_scale, neurons))
+    mlp_scale = _scale_vector(layer.mlp_scale, neurons)
+    _copy_linear(target.mlp.fc1, block.fc1, rows=neurons, cols=hidden, row_scale=mlp_scale)
     _copy_linear(target.mlp.fc2, block.fc2, rows=hidden, cols=neurons)
 
 

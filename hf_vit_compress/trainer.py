@@ -127,7 +127,9 @@ class CompressionTrainer(Trainer):
         method = self.method
         method_parameters = {id(p) for p in method.parameters()}
         decay = set(self.get_decay_parameter_names(opt_model))
-        weights = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad and id(p) not in method_parameters]
+        weights = [
+            (n, p) for n, p in opt_model.named_parameters() if p.requires_grad and id(p) not in method_parameters
+        ]
         groups = [
             {"params": [p for n, p in weights if n in decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in weights if n not in decay], "weight_decay": 0.0},

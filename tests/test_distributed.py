@@ -21,8 +21,13 @@ from conftest import make_vit_classifier
 from transformers import TrainingArguments
 
 from hf_vit_compress import CompressionConfig, count_macs
-from hf_vit_compress.data import collate_images, load_image_dataset, prepare_dataset, shuffle_stream
-from hf_vit_compress.data import transforms_from_image_processor
+from hf_vit_compress.data import (
+    collate_images,
+    load_image_dataset,
+    prepare_dataset,
+    shuffle_stream,
+    transforms_from_image_processor,
+)
 from hf_vit_compress.modeling import CompressedViTForImageClassification
 from hf_vit_compress.trainer import CompressionTrainer
 

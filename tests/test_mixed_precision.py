@@ -19,7 +19,6 @@ from hf_vit_compress import CompressionConfig, count_macs
 from hf_vit_compress.trainer import CompressionTrainer
 
 
-
 class TinyImages(torch.utils.data.Dataset):
     def __init__(self, count: int = 16):
         generator = torch.Generator().manual_seed(0)
