@@ -561,3 +561,29 @@ def test_mask_token_replaces_patch_tokens_after_the_position_embedding_and_is_ga
     # and the loss sees it: a reconstruction term is available after a masked forward
     assert method.pmim.reconstruction_loss(make_pixel_values(3)) is not None
     handle.remove()
+
+
+@pytest.mark.parametrize("collapse_to", ["narrowest", "widest"])
+def test_projection_fills_the_budget_after_every_module_collapsed(collapse_to):
+    """Every module final (an early collapse) at its narrowest or widest candidate: decide() still lands at or
+    under the budget and within 3 points of it, widening final modules with their next-best units if needed."""
+    from hf_vit_compress.flops import architecture_macs
+    from hf_vit_compress.methods import build_method
+
+    torch.manual_seed(0)
+    model = make_vit_classifier()
+    method = build_method(model, CompressionConfig(method="ofb", target_flops=0.3))
+    with torch.no_grad():
+        for module in method.searchable_modules().values():
+            module.score_logits.normal_()
+            widths = module.widths.tolist()
+            module.fix(widths.index(min(widths) if collapse_to == "narrowest" else max(widths)))
+    architecture = method.decide()
+    ratio = architecture_macs(model, architecture) / method.dense_macs
+    assert 0.27 <= ratio <= 0.3
+    # the kept units of a widened module include everything it had kept (it only takes further units)
+    for name, module in method.searchable_modules().items():
+        if collapse_to == "narrowest" and name.startswith("mlp"):
+            index = int(name.split(".")[1])
+            kept = set(module.final_keep.nonzero().flatten().tolist())
+            assert kept <= set(architecture.layers[index].mlp_neurons)

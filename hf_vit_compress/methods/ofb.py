@@ -133,9 +133,13 @@ class SearchableWidth(nn.Module):
         return torch.sigmoid(self.score_logits.float())
 
     def ranking_scores(self) -> torch.Tensor:
-        """Importance used for ranking; once final, units outside the kept set rank below every kept one."""
+        """Importance used for ranking; once final, units outside the kept set rank below every kept one (in their
+        own importance order, so a final module widened by the budget projection takes the next-best units). The
+        offset exceeds any row sum of importances, so heads ranked by their sum stay below kept heads too."""
         importance = self.importance().detach()
-        return importance.masked_fill(~self.final_keep, -1.0) if bool(self.is_final) else importance
+        if not bool(self.is_final):
+            return importance
+        return importance - (~self.final_keep) * (2.0 * importance.shape[-1] + 2.0)
 
     def sparsity(self) -> torch.Tensor:
         if bool(self.is_final):
@@ -401,6 +405,8 @@ class OFBMethod(CompressionMethod):
     def _decide_choices(self) -> dict[str, int]:
         modules = self.searchable_modules()
         choices = {name: module.current_choice() for name, module in modules.items()}
+        if bool(self.finalized):
+            return choices  # fixed by finalize(): the same units every time (only the scales keep training)
         return self._project_to_budget(modules, choices)
 
     def _choice_macs(self, choices: dict[str, int]) -> float:
@@ -421,8 +427,10 @@ class OFBMethod(CompressionMethod):
                 current = int(widths[choices[name]])
                 for k in range(len(widths)):
                     width = int(widths[k])
-                    if (width < current) if shrink else (width > current and bool(module.active[k])
-                                                          and not bool(module.is_final)):
+                    # Growing uses candidates still in play; a final module (one candidate left) may also grow,
+                    # taking its next units by importance, so an early-collapsed search can still fill the budget.
+                    in_play = bool(module.active[k]) or bool(module.is_final)
+                    if (width < current) if shrink else (width > current and in_play):
                         yield (float(probabilities[name][k]), width if shrink else -width), name, k
 
         while self._choice_macs(choices) > self.target_macs:
