@@ -87,7 +87,8 @@ def _train_parser(subparsers) -> None:
 
 
 def _run_train(arguments: argparse.Namespace, overrides: list[str]) -> int:
-    from .recipes import run_recipe, setup_from_args
+    from .recipes import setup_from_args
+    from .runner import run_recipe
 
     setup = setup_from_args(arguments.recipe, overrides)
     report = run_recipe(setup)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import difflib
 import json
-import math
 import re
 import types
 import typing
@@ -454,164 +453,6 @@ def setup_from_args(recipe: str | Path, extra: list[str] | None = None) -> Train
     return build_setup(merged)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Running a recipe
-# ---------------------------------------------------------------------------------------------------------------
-def _accuracy(eval_prediction) -> dict[str, float]:
-    import numpy as np
-
-    logits, labels = eval_prediction.predictions, eval_prediction.label_ids
-    logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
-
-
-def _resample(processor):
-    from PIL import Image
-
-    value = getattr(processor, "resample", None)
-    try:
-        return Image.Resampling(int(value))
-    except (TypeError, ValueError):
-        return Image.Resampling.BILINEAR
-
-
-def _load_split(data: DataArguments, split: str, files, streaming: bool):
-    from .data import load_image_dataset
-
-    kwargs = {}
-    if data.dataset_config_name is not None:
-        kwargs["name"] = data.dataset_config_name
-    data_files = {split: list(files)} if files else None
-    return load_image_dataset(data.dataset_name, split, streaming=streaming, data_files=data_files, **kwargs)
-
-
-def _take(dataset, count: int | None):
-    if count is None:
-        return dataset
-    from datasets import IterableDataset
-
-    if isinstance(dataset, IterableDataset):
-        return dataset.take(count)
-    return dataset.select(range(min(count, len(dataset))))
-
-
-def run_recipe(setup: TrainSetup) -> dict:
-    """Load the model and data, search (+ fine-tune) with `CompressionTrainer`, evaluate, and save the compressed
-    model to `<output_dir>/compressed_model` (plus `compression_report.json` and the Trainer's metrics files in
-    `output_dir`). Every process of a multi-process launch runs this; only the main one writes. Returns the report.
-    """
-    from datasets import ClassLabel
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
-
-    from .data import collate_images, prepare_dataset, shuffle_stream, transforms_from_image_processor
-    from .flops import count_macs, count_params
-    from .trainer import CompressionTrainer
-
-    m, d, t, c = setup.model, setup.data, setup.training, setup.compression
-    set_seed(t.seed)
-
-    # -- data (first: the label count decides the classifier head) ---------------------------------------------
-    train_raw = _load_split(d, d.train_split, d.train_files, d.streaming)
-    with_eval = d.eval_split is not None and (d.train_files is None or d.eval_files is not None)
-    eval_raw = _load_split(d, d.eval_split, d.eval_files, d.streaming) if with_eval else None
-    label_feature = (train_raw.features or {}).get(d.label_column)
-    num_labels = label_feature.num_classes if isinstance(label_feature, ClassLabel) else None
-
-    # -- model -------------------------------------------------------------------------------------------------
-    load = dict(revision=m.model_revision, trust_remote_code=m.trust_remote_code, cache_dir=m.cache_dir)
-    if m.attn_implementation is not None:
-        load["attn_implementation"] = m.attn_implementation
-    model = AutoModelForImageClassification.from_pretrained(m.model_name_or_path, **load)
-    if num_labels is not None and num_labels != model.config.num_labels:
-        names = label_feature.names
-        model = AutoModelForImageClassification.from_pretrained(
-            m.model_name_or_path, num_labels=num_labels, id2label=dict(enumerate(names)),
-            label2id={name: i for i, name in enumerate(names)}, ignore_mismatched_sizes=True, **load,
-        )
-    teacher = None
-    if m.teacher_name_or_path is not None:
-        teacher = AutoModelForImageClassification.from_pretrained(m.teacher_name_or_path, **load).eval()
-        teacher.requires_grad_(False)
-    try:
-        processor = AutoImageProcessor.from_pretrained(m.model_name_or_path, revision=m.model_revision,
-                                                       cache_dir=m.cache_dir)
-    except (OSError, ValueError):  # no preprocessor_config.json (e.g. a model built from a config): defaults
-        processor = None
-    image_size = d.image_size or model.config.image_size
-    train_transform, eval_transform = transforms_from_image_processor(
-        processor, image_size, scale=(d.random_crop_min_scale, 1.0), hflip_prob=d.hflip_prob,
-        resample=_resample(processor), seed=t.seed,
-    )
-
-    # -- datasets ----------------------------------------------------------------------------------------------
-    train = _take(train_raw, d.max_train_samples)
-    if d.streaming:
-        train = shuffle_stream(train, seed=t.seed, buffer_size=d.shuffle_buffer_size,
-                               max_buffer_input_shards=d.shuffle_buffer_input_shards)
-    train = prepare_dataset(train, train_transform, d.image_column, d.label_column, num_labels)
-    evaluation = None
-    if eval_raw is not None:
-        evaluation = prepare_dataset(_take(eval_raw, d.max_eval_samples), eval_transform, d.image_column,
-                                     d.label_column, num_labels)
-
-    # -- steps: a stream has no length, so epochs become steps through the example count -----------------------
-    steps_per_epoch = None
-    examples = d.num_train_examples
-    if examples is None and d.max_train_samples is not None and d.streaming:
-        examples = d.max_train_samples
-    if d.streaming and examples is not None:
-        global_batch = t.per_device_train_batch_size * t.world_size * t.gradient_accumulation_steps
-        steps_per_epoch = max(1, math.ceil(examples / global_batch))
-    if d.streaming and t.max_steps <= 0:
-        if steps_per_epoch is None:
-            raise ValueError("data.streaming=true needs training.max_steps > 0 or data.num_train_examples (a "
-                             "stream has no length to count epochs with)")
-        t.max_steps = max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
-
-    # -- train -------------------------------------------------------------------------------------------------
-    dense_macs, dense_params = count_macs(model), count_params(model)
-    trainer = CompressionTrainer(
-        model=model, args=t, compression_config=c, teacher=teacher, train_dataset=train, eval_dataset=evaluation,
-        data_collator=collate_images, compute_metrics=_accuracy, steps_per_epoch=steps_per_epoch,
-    )
-    resume = t.resume_from_checkpoint
-    if resume is not None and str(resume).lower() in ("last", "true"):
-        resume = get_last_checkpoint(t.output_dir)
-        if resume is None:
-            raise ValueError(f"training.resume_from_checkpoint={t.resume_from_checkpoint!r}: no checkpoint-* folder "
-                             f"in {t.output_dir}")
-    train_result = trainer.train(resume_from_checkpoint=resume)
-    metrics = dict(train_result.metrics)
-    if evaluation is not None:
-        metrics.update(trainer.evaluate())
-    output_dir = Path(t.output_dir) / "compressed_model"
-    trainer.save_model(str(output_dir))  # every rank calls it (it synchronises); only the main process writes
-
-    architecture = trainer.method.export_architecture()
-    compressed_macs = trainer.method.architecture_macs(architecture)
-    report = {
-        "model": m.model_name_or_path,
-        "method": c.method,
-        "target_flops": c.target_ratio(dense_macs),
-        "dense_macs": dense_macs,
-        "compressed_macs": compressed_macs,
-        "compressed_macs_ratio": compressed_macs / dense_macs,
-        "dense_params": dense_params,
-        "architecture": architecture.summary(),
-        "steps": trainer.state.global_step,
-        "steps_per_epoch": int(trainer.method.steps_per_epoch),
-        "metrics": metrics,
-        "compressed_model": str(output_dir),
-        "recipe": json.loads(json.dumps(setup.recipe, default=list)),
-    }
-    if trainer.is_world_process_zero():
-        report["compressed_params"] = count_params(trainer.export_compressed_model())
-        trainer.save_metrics("all", metrics)
-        (Path(t.output_dir) / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
-
-
 def recipe_help() -> str:
     """Field list for `hf-vit-compress train --help`."""
     lines = []
@@ -633,7 +474,6 @@ __all__ = [
     "build_setup",
     "load_recipe",
     "parse_overrides",
-    "run_recipe",
     "setup_from_args",
     "validate_recipe",
 ]
