@@ -286,9 +286,9 @@ def shapes_of(model) -> dict:
         return {
             "hidden_size": model.config.hidden_size,
             "layers": [
-                {"heads": l["num_heads"], "qk": l["num_heads"] * l["qk_head_dim"], "v": l["num_heads"] * l["v_head_dim"],
-                 "mlp": l["intermediate_size"]}
-                for l in model.config.layers
+                {"heads": layer["num_heads"], "qk": layer["num_heads"] * layer["qk_head_dim"],
+                 "v": layer["num_heads"] * layer["v_head_dim"], "mlp": layer["intermediate_size"]}
+                for layer in model.config.layers
             ],
         }
     parts = model_parts(model)
@@ -306,18 +306,18 @@ def shape_macs(dense_model, shapes: dict) -> int:
     """Exact MACs (same counting as `hf_vit_compress.count_macs`) of the model with these per-block shapes."""
     geo = geometry(dense_model)
     layers = shapes["layers"]
-    return int(macs_from_widths(geo, shapes["hidden_size"], [l["qk"] for l in layers], [l["v"] for l in layers],
-                                [l["mlp"] for l in layers]))
+    return int(macs_from_widths(geo, shapes["hidden_size"], [layer["qk"] for layer in layers],
+                                [layer["v"] for layer in layers], [layer["mlp"] for layer in layers]))
 
 
 def shapes_summary(shapes: dict) -> str:
     """Compact one-line description: D=<hidden>; per block heads x qk/v width, MLP."""
     layers = shapes["layers"]
 
-    def one(l):
-        return f"{l['heads']}h/{l['qk']}/{l['v']}/{l['mlp']}"
+    def one(layer):
+        return f"{layer['heads']}h/{layer['qk']}/{layer['v']}/{layer['mlp']}"
 
-    return f"D={shapes['hidden_size']}; " + " ".join(one(l) for l in layers)
+    return f"D={shapes['hidden_size']}; " + " ".join(one(layer) for layer in layers)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -201,7 +201,10 @@ def demo_worker(output_dir: str, threads: int) -> None:
 
 def demo_timings(args) -> dict | None:
     if args.demo_report:
-        report = json.loads(Path(args.demo_report).read_text())
+        try:
+            report = json.loads(Path(args.demo_report).read_text())
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--demo-report {args.demo_report}: not a readable demo report.json ({error})")
         source = f"read from {args.demo_report}"
     elif args.no_demo:
         return None
@@ -299,6 +302,7 @@ def main(argv=None) -> dict:
     prov = C.provenance([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     if args.threads:
         prov["machine"]["torch_threads"] = args.threads
+    demo = demo_timings(args) if args.demo_report else None  # a bad path fails before the long part
     kinds = ["plain", *args.methods.split(",")]
     records = []
     for model in args.models.split(","):
@@ -313,7 +317,8 @@ def main(argv=None) -> dict:
     results = {"provenance": prov, "settings": {k: v for k, v in vars(args).items()
                                                 if not k.startswith(("worker", "demo_worker"))},
                "records": records, "summary": summarize(records)}
-    demo = demo_timings(args)
+    if demo is None:
+        demo = demo_timings(args)
     if demo is not None:
         ofb = [r for r in results["summary"] if r["model"] == "demo-tiny" and r["kind"] == demo.get("method")]
         if ofb and demo.get("search_epochs") is not None:

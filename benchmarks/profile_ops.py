@@ -89,7 +89,8 @@ def main(argv=None):
         for name in models:
             table[name] = {label: statistics.median(t.get(label, 0.0) for t in per_model[name]) for label in labels}
             table[name]["total"] = sum(table[name][label] for label in labels)
-        results["shapes"][shape] = {"milliseconds": table, "macs_ratio": {k: v / macs["dense"] for k, v in macs.items()}}
+        results["shapes"][shape] = {"milliseconds": table,
+                                    "macs_ratio": {k: v / macs["dense"] for k, v in macs.items()}}
         rows = []
         for label in labels + ["total"]:
             d = table["dense"][label]
@@ -98,7 +99,8 @@ def main(argv=None):
                          f"{table['tp'][label]:.0f}", f"{table['tp'][label] / d:.2f}" if d else None])
         lines.append(f"\n## {shape}, {args.budget:g} of the dense MACs (ours {macs['ours'] / macs['dense']:.3f}, "
                      f"TP {macs['tp'] / macs['dense']:.3f}), batch {args.batch}, {args.attn}\n")
-        lines.append(f"ours: `{C.shapes_summary(C.shapes_of(ours))}`  \nTP: `{C.shapes_summary(C.shapes_of(pruned))}`\n")
+        lines.append(f"ours: `{C.shapes_summary(C.shapes_of(ours))}`  \n"
+                     f"TP: `{C.shapes_summary(C.shapes_of(pruned))}`\n")
         lines.append(C.md_table(["operator category", "dense ms", "dense share", "ours ms", "ours / dense",
                                  "TP ms", "TP / dense"], rows))
     header = C.markdown_header(
