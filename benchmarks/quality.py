@@ -140,19 +140,10 @@ def load_data(args):
     return prepare_dataset(train, train_transform), prepare_dataset(test, eval_transform), train
 
 
-@torch.no_grad()
 def accuracy(model, dataset, batch_size: int = 500) -> float:
-    from hf_vit_compress.data import collate_images
+    from hf_vit_compress.demo import accuracy as top1  # the package's own evaluation loop
 
-    model.eval()
-    device = next(model.parameters()).device
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_images)
-    correct = total = 0
-    for batch in loader:
-        logits = model(pixel_values=batch["pixel_values"].to(device)).logits
-        correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
-        total += len(batch["labels"])
-    return correct / total
+    return top1(model, dataset, batch_size=batch_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------
