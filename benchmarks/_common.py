@@ -147,6 +147,28 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# CPU memory: the kernel's counters (tracemalloc does not see torch's allocations)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def rss_bytes() -> dict[str, int]:
+    """VmRSS (resident now) and VmHWM (peak resident since start or the last `reset_peak_rss`), in bytes."""
+    values = {}
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                values[key] = int(value.split()[0]) * 1024
+    return values
+
+
+def reset_peak_rss() -> None:
+    """Set VmHWM back to the current RSS (Linux >= 4.0); raises OSError where /proc/self/clear_refs is missing."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------
 

@@ -77,16 +77,6 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _status() -> dict[str, int]:
-    values = {}
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":", 1)
-                values[key] = int(value.split()[0]) * 1024
-    return values
-
-
 class SyntheticImages(torch.utils.data.Dataset):
     def __init__(self, size: int, image_size: int, num_labels: int):
         generator = torch.Generator().manual_seed(0)
@@ -123,7 +113,7 @@ def worker(args) -> None:
     import gc
 
     gc.collect()
-    baseline = torch.cuda.memory_allocated() if torch.cuda.is_available() else _status()["VmRSS"]
+    baseline = torch.cuda.memory_allocated() if torch.cuda.is_available() else C.rss_bytes()["VmRSS"]
     model, batch = build_model(args.worker_model)
     batch = args.batch_size or batch
     dataset = SyntheticImages(batch * args.steps, model.config.image_size, model.config.num_labels)
@@ -137,9 +127,8 @@ def worker(args) -> None:
                 torch.cuda.reset_peak_memory_stats()
                 records.append({"rss_begin": torch.cuda.memory_allocated()})
             else:
-                records.append({"rss_begin": _status()["VmRSS"]})
-                with open("/proc/self/clear_refs", "w") as handle:
-                    handle.write("5")
+                records.append({"rss_begin": C.rss_bytes()["VmRSS"]})
+                C.reset_peak_rss()
             records[-1]["start"] = time.perf_counter()
 
     class End(TrainerCallback):
@@ -148,7 +137,7 @@ def worker(args) -> None:
                 torch.cuda.synchronize()
             record = records[-1]
             record["seconds"] = time.perf_counter() - record["start"]
-            record["peak"] = torch.cuda.max_memory_allocated() if cuda else _status()["VmHWM"]
+            record["peak"] = torch.cuda.max_memory_allocated() if cuda else C.rss_bytes()["VmHWM"]
 
     with tempfile.TemporaryDirectory(prefix="overhead-") as tmp:
         training_args = TrainingArguments(

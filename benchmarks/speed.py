@@ -101,16 +101,6 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _proc_status() -> dict[str, int]:
-    values = {}
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(("VmRSS:", "VmHWM:")):
-                key, value = line.split(":", 1)
-                values[key] = int(value.split()[0]) * 1024
-    return values
-
-
 def memory_worker(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -122,12 +112,11 @@ def memory_worker(args) -> None:
     gc.collect()
     result = {}
     try:
-        before = _proc_status()["VmRSS"]
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")  # reset VmHWM to the current RSS
+        before = C.rss_bytes()["VmRSS"]
+        C.reset_peak_rss()
         with torch.inference_mode():
             model(pixel_values=pixel_values)
-        peak = _proc_status()["VmHWM"]
+        peak = C.rss_bytes()["VmHWM"]
         result.update(method="VmHWM after /proc/self/clear_refs reset", rss_before=before, peak_rss=peak)
     except OSError:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -114,7 +114,13 @@ class UVCConfig:
         skip_warmup_fraction: share of the search during which block gates are fixed at (0.5, 0.5) and theta is
             frozen (paper: 5 of 30 epochs).
         theta_init: initial skip-gate logits (skip, run).
-        counts_lr: SGD learning rate of the continuous removal counts s, r.
+        counts_space: where the counts take their SGD step. `"fraction"` (default, a deviation from the official
+            code): on s / range, so a head count (range H - 1) and an MLP count (range 4D - 1) move at comparable
+            relative speed; `counts_lr` is then the largest step as a fraction of a count's range. `"units"` (spec):
+            on the counts themselves, heads and MLP inf-norm clipped jointly. One head weighs (3D + N) / (2H) times
+            the MACs of one MLP unit (112 on DeiT-S), so MLP counts then move ~3e-5 times as fast relative to their
+            range as head counts (DeiT-S) and the budget is met by heads alone.
+        counts_lr: SGD learning rate of the continuous removal counts s, r (see `counts_space` for its unit).
         theta_lr, theta_momentum: SGD settings of the skip-gate logits.
         theta_budget_weight: weight of z * dR/dtheta in theta's gradient.
         dual_lr: ascent step of the group duals y and p.
@@ -127,6 +133,7 @@ class UVCConfig:
     gumbel_tau: float = 0.5
     skip_warmup_fraction: float = 5 / 30
     theta_init: tuple[float, float] = (-1.0, 1.0)
+    counts_space: str = "fraction"
     counts_lr: float = 0.02
     theta_lr: float = 0.1
     theta_momentum: float = 0.9
@@ -142,6 +149,8 @@ class UVCConfig:
             _check(getattr(self, name) > 0, f"uvc.{name}", getattr(self, name), "> 0")
         for name in ("dual_lr", "budget_dual_lr", "dual_init", "theta_budget_weight"):
             _check(getattr(self, name) >= 0, f"uvc.{name}", getattr(self, name), ">= 0")
+        _check(self.counts_space in ("fraction", "units"), "uvc.counts_space", self.counts_space,
+               "'fraction' or 'units'")
         _check(0 <= self.theta_momentum < 1, "uvc.theta_momentum", self.theta_momentum, "[0, 1)")
         _check(0 <= self.skip_warmup_fraction <= 1, "uvc.skip_warmup_fraction", self.skip_warmup_fraction, "[0, 1]")
         _check(len(tuple(self.theta_init)) == 2, "uvc.theta_init", self.theta_init, "two numbers (skip, run)")

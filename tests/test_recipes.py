@@ -69,6 +69,7 @@ def test_recipe_holds_the_papers_settings(name):
         assert (compression.distillation_alpha, compression.distillation_temperature) == (0.1, 1.0)
         assert (uvc.gumbel_tau, uvc.counts_lr, uvc.theta_lr, uvc.dual_lr, uvc.dual_init) == (0.5, 0.02, 0.1, 1e-4,
                                                                                                 1e-3)
+        assert uvc.counts_space == "fraction"
 
 
 def test_recipes_resolve_by_name_and_every_file_is_valid():

@@ -118,6 +118,43 @@ def test_budget_dual_rises_over_budget_and_stays_nonnegative_under():
     assert float(method.budget_dual) == 0.0
 
 
+def test_projected_sgd_units_and_fraction_spaces():
+    upper = torch.tensor([3.0, 63.0])
+    grad = torch.tensor([-2.0, -0.02])  # a head weighs 100x an MLP unit: the budget gradient is 100x larger
+    units = torch.zeros(2)
+    UVCMethod._projected_sgd(units, grad, upper, lr=0.5, space="units")
+    # joint inf-norm clip in units: the head count moves lr, the MLP count 1/100 of that
+    assert units.tolist() == pytest.approx([0.5, 0.005])
+    fractions = torch.zeros(2)
+    UVCMethod._projected_sgd(fractions, grad, upper, lr=0.5, space="fraction")
+    # on s / range: gradients become [-6, -1.26]; clipped by 6 -> steps of 0.5 and 0.105 of each range
+    assert (fractions / upper).tolist() == pytest.approx([0.5, 0.5 * 1.26 / 6])
+    # bounds hold, and a count at its upper bound does not move further up
+    full = upper.clone()
+    UVCMethod._projected_sgd(full, grad, upper, lr=0.5, space="fraction")
+    assert full.tolist() == upper.tolist()
+
+
+def test_unknown_counts_space_is_refused_with_the_field_named():
+    with pytest.raises(ValueError, match=r"uvc\.counts_space='meters'.*'fraction' or 'units'"):
+        uvc_config(counts_space="meters")
+
+
+@pytest.mark.parametrize("space", ["fraction", "units"])
+def test_counts_space_decides_which_counts_move(space):
+    model = tiny_vit()
+    method = gated(model, uvc_config(0.5, counts_space=space, counts_lr=0.05))
+    with torch.no_grad():
+        method.budget_dual.fill_(50.0)  # far over budget: the budget term dominates every count's gradient
+    method.after_optimizer_step(1e-3)
+    head_move = float(method.head_counts.mean() / method.head_count_max.mean())
+    mlp_move = float(method.mlp_counts.mean() / method.mlp_count_max.mean())
+    if space == "fraction":
+        assert mlp_move > 0.2 * head_move > 0  # comparable relative speed
+    else:
+        assert 0 < mlp_move < 0.05 * head_move  # MLP counts crawl: the spec's joint clip in units
+
+
 def test_expected_ratio_equals_real_macs_with_hard_gates():
     model = tiny_vit()
     method = gated(model, uvc_config(0.5))
