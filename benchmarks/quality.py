@@ -14,8 +14,11 @@ Protocol (identical for every method; see benchmarks/README.md):
    (`--steps`), batch size and learning-rate schedule (AdamW, cosine, 5% warm-up):
    * ofb / uvc: `CompressionTrainer` (search for `search_fraction` of the steps, then fine-tune the fixed
      architecture), then `export_compressed_model`. UVC distils from a frozen copy of the dense model (its recipe).
-     OFB uses the demo's architecture learning rate (5e-2, for short searches) and the library's elimination
-     schedule (3 rounds per epoch; `--ofb-elimination-rounds N` eliminates every search_steps / N steps instead).
+     Short-search settings (OFB_ARCH_LR, OFB_FLOPS_WEIGHT below; UVC: the demo's count step) are recorded in
+     every run; `--ofb-arch-lr`, `--ofb-flops-weight`, `--uvc-counts-lr`, `--uvc-counts-space` override them.
+     OFB eliminates with the library's schedule (3 rounds per epoch; `--ofb-elimination-rounds N` instead
+     eliminates every search_steps / N steps). Their accuracy right after the search (final architecture, no
+     fine-tuning yet) is recorded as "before fine-tuning".
    * tp-magnitude / tp-taylor: Torch-Pruning's MetaPruner (uniform ratio, head dims + residual width, classifier
      kept) pruned once at step 0 to just within the budget (Taylor importance from the loss gradients of 8 training
      batches, no weight update), then plain fine-tuning for all the steps.
@@ -25,7 +28,9 @@ Protocol (identical for every method; see benchmarks/README.md):
 3. Top-1 accuracy of the final (exported / pruned) model on the evaluation subset; MACs counted exactly.
 
 Results are merged into benchmarks/results/quality_<mode>.json (a run already there is skipped unless --rerun), so
-the grid can be filled in pieces; the Markdown table and the plot are rebuilt from the JSON every time.
+the grid can be filled in pieces; pieces run in parallel under another --name join with --merge-from. The Markdown
+table and the plot are rebuilt from the JSON every time. Every run seeds its own augmentation stream, so a run gives
+the same numbers whether it runs alone or inside the grid.
 """
 
 from __future__ import annotations
@@ -258,11 +263,12 @@ class AccuracyAtSearchEnd(TrainerCallback):
         self._measure(model)
 
 
-#: Short-search settings (150 search steps) measured on this benchmark, seed 0-2, 50% / 30% MACs:
-#: * UVC: the demo's count step (`apply_short_run_settings`, 5% of a count's range per step at most).
-#: * OFB: architecture lr 5e-2 with the paper's FLOPs weight 5 (median 49.95 / 47.10%) beat the demo's 1e-2 with
-#:   weight 500 (47.20 / 46.35%, results/quality_cpu_ofb_demo_settings.json). At 5e-2 the modules settle on their
-#:   early leaders and the final budget projection sets the widths; at 1e-2 / 500 the search itself meets the budget.
+#: Short-search settings (150 search steps) measured on this benchmark, seeds 0-2, median top-1 at 50% / 30% MACs:
+#: * UVC: the demo's count step (`apply_short_run_settings`, at most 5% of a count's range per step).
+#: * OFB: architecture lr 5e-2 with the paper's FLOPs weight 5: 50.30 / 45.15% (results/quality_cpu.md); the demo's
+#:   1e-2 with weight 500: 47.75 / 46.65% (results/quality_cpu_ofb_demo_settings.md). At 5e-2 / 5 the modules settle
+#:   on their early leaders and the final budget projection sets the widths; at 1e-2 / 500 the search meets the
+#:   budget itself, but the FLOPs gradient shrinks the embedding width first (D = 48, the minimum, at 50%).
 OFB_ARCH_LR, OFB_FLOPS_WEIGHT = 5e-2, 5.0
 
 

@@ -107,7 +107,7 @@ class OFBConfig:
 
 @dataclass
 class UVCConfig:
-    """UVC settings (spec/uvc.md). Defaults are the paper's / official code's.
+    """UVC settings (spec/uvc.md). Defaults are the paper's / official code's, except `counts_space`.
 
     Args:
         gumbel_tau: temperature of the Gumbel-softmax block gates.
