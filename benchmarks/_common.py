@@ -7,6 +7,7 @@ date and the machine inside.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import math
@@ -251,6 +252,21 @@ def _without_scales(architecture: Architecture) -> Architecture:
         layer.qk_scale = layer.v_scale = layer.mlp_scale = None
     architecture.hidden_scale = None
     return architecture
+
+
+def rounded_down(architecture: Architecture, multiple: int = 8) -> Architecture:
+    """The same architecture with every value head dim and MLP width cut down to a multiple of `multiple` (widths
+    under it kept): an experiment on speed only, so the units dropped are simply the last ones listed."""
+    def cut(width: int) -> int:
+        return width if width < multiple else width - width % multiple
+
+    rounded = copy.deepcopy(architecture)
+    for layer in rounded.layers:
+        if layer.keep_block:
+            v_dim = cut(layer.v_head_dim)
+            layer.v_channels = [channels[:v_dim] for channels in layer.v_channels]
+            layer.mlp_neurons = layer.mlp_neurons[:cut(layer.intermediate_size)]
+    return rounded
 
 
 def _linear_norms(linear, dim: int) -> torch.Tensor:

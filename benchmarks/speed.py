@@ -62,8 +62,9 @@ def parse_args(argv=None):
     parser.add_argument("--batch-sizes", default="1,64")
     parser.add_argument("--attn", default="sdpa,eager", help="attention implementations")
     parser.add_argument("--ours-variants", default="export",
-                        help="export (the model export_compressed_model returns) and/or qkv-fused (experiment: the "
-                             "same model with q/k/v in one Linear, built here, not by the library)")
+                        help="export (the model export_compressed_model returns), qkv-fused (experiment: the "
+                             "same model with q/k/v in one Linear, built here, not by the library) and/or rounded8 "
+                             "(experiment: value head dims and MLP widths cut down to multiples of 8)")
     parser.add_argument("--control", action="store_true",
                         help="also time the compressed format with nothing pruned (implementation overhead vs HF ViT)")
     parser.add_argument("--methods", default="ofb", help="architectures for 'ours': ofb and/or uvc")
@@ -167,12 +168,17 @@ def build_variants(shape_name: str, args) -> tuple[torch.nn.Module, list[dict]]:
             compressed = export_compressed_model(dense, architecture).eval()
             entry = dict(method=method, budget=budget, architecture_seconds=round(time.perf_counter() - started, 1))
             for variant in args.ours_variants.split(","):
-                if variant not in ("export", "qkv-fused"):
-                    raise ValueError(f"--ours-variants: unknown {variant!r}; allowed: export, qkv-fused")
-                model = compressed if variant == "export" else C.fuse_qkv(copy.deepcopy(compressed))
-                suffix = "" if variant == "export" else "+qkv"
+                if variant == "export":
+                    model, suffix, variant_architecture = compressed, "", architecture
+                elif variant == "qkv-fused":
+                    model, suffix, variant_architecture = C.fuse_qkv(copy.deepcopy(compressed)), "+qkv", architecture
+                elif variant == "rounded8":
+                    variant_architecture = C.rounded_down(architecture, 8)
+                    model, suffix = export_compressed_model(dense, variant_architecture).eval(), "+r8"
+                else:
+                    raise ValueError(f"--ours-variants: unknown {variant!r}; allowed: export, qkv-fused, rounded8")
                 variants.append(dict(entry, name=f"{method}{suffix}@{budget:g}", model=model, macs=count_macs(model),
-                                     architecture=architecture))
+                                     architecture=variant_architecture))
         if not args.no_tp:
             started = time.perf_counter()
             pruned, ratio, tries = C.tp_pruned_to_budget(dense, budget)
