@@ -7,7 +7,6 @@ date and the machine inside.
 
 from __future__ import annotations
 
-import copy
 import datetime as _dt
 import json
 import math
@@ -207,7 +206,7 @@ def set_attention(model, attn: str):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def ofb_architecture(model, target_flops: float, seed: int = 0) -> Architecture:
+def ofb_architecture(model, target_flops: float, seed: int = 0, channel_multiple: int | None = None) -> Architecture:
     """The architecture OFB's own budget projection picks from a deterministic random search state.
 
     `build_method(model, CompressionConfig(method="ofb", target_flops=x))` builds OFB's search space on the dense
@@ -215,14 +214,18 @@ def ofb_architecture(model, target_flops: float, seed: int = 0) -> Architecture:
     drawn from N(0, 1) with a `torch.Generator` seeded with `seed`, and `decide()` takes each module's most probable
     candidate and projects the whole onto the budget (greedy shrink, then grow to just under it). The result is a
     heterogeneous per-layer architecture of the kind a search ends with, built from OFB's candidate widths (multiples
-    of 8 for dimensions >= 64), reproducibly and without training.
+    of 8 for dimensions >= 64), reproducibly and without training. `channel_multiple` overrides the library's
+    `OFBConfig.channel_multiple` (1: unrounded candidate widths).
     """
     from hf_vit_compress import CompressionConfig
     from hf_vit_compress.methods import build_method
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        method = build_method(model, CompressionConfig(method="ofb", target_flops=target_flops))
+        config = CompressionConfig(method="ofb", target_flops=target_flops)
+        if channel_multiple is not None:
+            config.ofb.channel_multiple = channel_multiple
+        method = build_method(model, config)
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for module in method.searchable_modules().values():
@@ -231,16 +234,20 @@ def ofb_architecture(model, target_flops: float, seed: int = 0) -> Architecture:
     return _without_scales(architecture)
 
 
-def uvc_architecture(model, target_flops: float, seed: int = 0) -> Architecture:
+def uvc_architecture(model, target_flops: float, seed: int = 0, channel_multiple: int | None = None) -> Architecture:
     """UVC's final projection applied to the untrained model (counts at 0, all blocks running): it removes the unit
     groups with the least weight norm per MAC saved until the budget holds. On random weights this is close to
-    arbitrary, so the shapes say more about UVC's export format (unrounded widths) than about a trained search."""
+    arbitrary, so the shapes say more about UVC's export format than about a trained search. `channel_multiple`
+    overrides `UVCConfig.channel_multiple` (library default 8; 1: the spec's unit granularity)."""
     from hf_vit_compress import CompressionConfig
     from hf_vit_compress.methods import build_method
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        method = build_method(model, CompressionConfig(method="uvc", target_flops=target_flops))
+        config = CompressionConfig(method="uvc", target_flops=target_flops)
+        if channel_multiple is not None:
+            config.uvc.channel_multiple = channel_multiple
+        method = build_method(model, config)
         architecture = method.decide()
     return _without_scales(architecture)
 
@@ -252,21 +259,6 @@ def _without_scales(architecture: Architecture) -> Architecture:
         layer.qk_scale = layer.v_scale = layer.mlp_scale = None
     architecture.hidden_scale = None
     return architecture
-
-
-def rounded_down(architecture: Architecture, multiple: int = 8) -> Architecture:
-    """The same architecture with every value head dim and MLP width cut down to a multiple of `multiple` (widths
-    under it kept): an experiment on speed only, so the units dropped are simply the last ones listed."""
-    def cut(width: int) -> int:
-        return width if width < multiple else width - width % multiple
-
-    rounded = copy.deepcopy(architecture)
-    for layer in rounded.layers:
-        if layer.keep_block:
-            v_dim = cut(layer.v_head_dim)
-            layer.v_channels = [channels[:v_dim] for channels in layer.v_channels]
-            layer.mlp_neurons = layer.mlp_neurons[:cut(layer.intermediate_size)]
-    return rounded
 
 
 def _linear_norms(linear, dim: int) -> torch.Tensor:

@@ -63,8 +63,8 @@ def parse_args(argv=None):
     parser.add_argument("--attn", default="sdpa,eager", help="attention implementations")
     parser.add_argument("--ours-variants", default="export",
                         help="export (the model export_compressed_model returns), qkv-fused (experiment: the "
-                             "same model with q/k/v in one Linear, built here, not by the library) and/or rounded8 "
-                             "(experiment: value head dims and MLP widths cut down to multiples of 8)")
+                             "same model with q/k/v in one Linear, built here, not by the library) and/or unrounded "
+                             "(the method with channel_multiple=1: widths at unit granularity, item 4's 'before')")
     parser.add_argument("--control", action="store_true",
                         help="also time the compressed format with nothing pruned (implementation overhead vs HF ViT)")
     parser.add_argument("--methods", default="ofb", help="architectures for 'ours': ofb and/or uvc")
@@ -172,11 +172,11 @@ def build_variants(shape_name: str, args) -> tuple[torch.nn.Module, list[dict]]:
                     model, suffix, variant_architecture = compressed, "", architecture
                 elif variant == "qkv-fused":
                     model, suffix, variant_architecture = C.fuse_qkv(copy.deepcopy(compressed)), "+qkv", architecture
-                elif variant == "rounded8":
-                    variant_architecture = C.rounded_down(architecture, 8)
-                    model, suffix = export_compressed_model(dense, variant_architecture).eval(), "+r8"
+                elif variant == "unrounded":
+                    variant_architecture = derive(dense, budget, seed=args.seed, channel_multiple=1)
+                    model, suffix = export_compressed_model(dense, variant_architecture).eval(), "-unrounded"
                 else:
-                    raise ValueError(f"--ours-variants: unknown {variant!r}; allowed: export, qkv-fused, rounded8")
+                    raise ValueError(f"--ours-variants: unknown {variant!r}; allowed: export, qkv-fused, unrounded")
                 variants.append(dict(entry, name=f"{method}{suffix}@{budget:g}", model=model, macs=count_macs(model),
                                      architecture=variant_architecture))
         if not args.no_tp:

@@ -107,7 +107,8 @@ class OFBConfig:
 
 @dataclass
 class UVCConfig:
-    """UVC settings (spec/uvc.md). Defaults are the paper's / official code's, except `counts_space`.
+    """UVC settings (spec/uvc.md). Defaults are the paper's / official code's, except `counts_space` and
+    `channel_multiple`.
 
     Args:
         gumbel_tau: temperature of the Gumbel-softmax block gates.
@@ -121,6 +122,9 @@ class UVCConfig:
             the MACs of one MLP unit (112 on DeiT-S), so MLP counts then move ~3e-5 times as fast relative to their
             range as head counts (DeiT-S) and the budget is met by heads alone.
         counts_lr: SGD learning rate of the continuous removal counts s, r (see `counts_space` for its unit).
+        channel_multiple: after the final projection, MLP widths and value head dims are cut down to a multiple of
+            this (widths under it stay; 1 keeps the spec's unit granularity). Only removes units, so the budget
+            still holds.
         theta_lr, theta_momentum: SGD settings of the skip-gate logits.
         theta_budget_weight: weight of z * dR/dtheta in theta's gradient.
         dual_lr: ascent step of the group duals y and p.
@@ -135,6 +139,7 @@ class UVCConfig:
     theta_init: tuple[float, float] = (-1.0, 1.0)
     counts_space: str = "fraction"
     counts_lr: float = 0.02
+    channel_multiple: int = 8
     theta_lr: float = 0.1
     theta_momentum: float = 0.9
     theta_budget_weight: float = 5e-4
@@ -149,6 +154,8 @@ class UVCConfig:
             _check(getattr(self, name) > 0, f"uvc.{name}", getattr(self, name), "> 0")
         for name in ("dual_lr", "budget_dual_lr", "dual_init", "theta_budget_weight"):
             _check(getattr(self, name) >= 0, f"uvc.{name}", getattr(self, name), ">= 0")
+        _check(isinstance(self.channel_multiple, int) and self.channel_multiple >= 1, "uvc.channel_multiple",
+               self.channel_multiple, "an integer >= 1")
         _check(self.counts_space in ("fraction", "units"), "uvc.counts_space", self.counts_space,
                "'fraction' or 'units'")
         _check(0 <= self.theta_momentum < 1, "uvc.theta_momentum", self.theta_momentum, "[0, 1)")

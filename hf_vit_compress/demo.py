@@ -76,7 +76,8 @@ def tiny_vit_config() -> ViTConfig:
 def apply_short_run_settings(config: CompressionConfig) -> CompressionConfig:
     """Raise what the papers tune for tens of thousands of ImageNet steps so a search of a few hundred steps can
     move as far: OFB's architecture-logit learning rate and FLOPs-loss weight, and UVC's count learning rate (a
-    count moves at most `counts_lr` of its range per step). Used by the demo and the CPU benchmarks; modifies `config`."""
+    count moves at most `counts_lr` of its range per step). Used by the demo and the CPU benchmarks; modifies
+    `config` in place and returns it."""
     # 1e-2, not more: above ~2e-2 the cot one-hot term makes every module collapse onto its early leader (wide
     # candidates, as CE favours them) before the FLOPs term has acted, leaving the budget to the final projection.
     config.ofb.arch_lr = 1e-2

@@ -16,6 +16,7 @@ from hf_vit_compress.flops import architecture_macs, count_macs, measured_macs
 from hf_vit_compress.gating import install_gates
 from hf_vit_compress.methods import build_method
 from hf_vit_compress.methods.uvc import UVCMethod, least_k_sum
+from hf_vit_compress.methods.uvc_projection import ProjectionLayer
 
 NUM_LABELS = 5
 
@@ -284,6 +285,34 @@ def test_decide_meets_the_budget_without_search(target):
     assert macs / method.dense_macs > target - 0.05  # the projection stops once under the budget
     assert arch.metadata["projection_removals"] > 0
     assert sum(layer.keep_block for layer in arch.layers) >= 1
+
+
+def test_round_down_drops_the_lowest_units_to_a_multiple():
+    heads = {0: [(5.0, 0), (4.0, 1), (3.0, 2)], 2: [(6.0, 1), (2.0, 0), (1.0, 2)]}
+    mlp = sorted(((float(j), j) for j in range(11)), reverse=True)
+    layer = ProjectionLayer(True, heads, mlp)
+    assert layer.round_down(4) == 3  # MLP 11 -> 8; v dim 3 < 4 stays
+    assert sorted(j for _, j in layer.mlp) == list(range(3, 11))
+    assert layer.v_dim == 3
+    assert layer.round_down(2) == 2  # v dim 3 -> 2 in both heads, each losing its own weakest; MLP 8 already even
+    assert {h: sorted(c for _, c in dims) for h, dims in layer.heads.items()} == {0: [0, 1], 2: [0, 1]}
+    assert layer.head_sums == {0: 9.0, 2: 8.0}
+    assert layer.round_down(1) == 0
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_decide_rounds_widths_and_stays_within_budget(multiple):
+    model = tiny_vit()  # head dim 8, MLP 64
+    method = gated(model, uvc_config(0.5, channel_multiple=multiple))
+    with torch.no_grad():
+        method.mlp_counts.copy_(torch.tensor([13.0, 29.0, 3.0]))  # widths 51, 35, 61 before rounding
+    arch = method.decide()
+    assert architecture_macs(model, arch) <= method.target_macs
+    widths = [layer.intermediate_size for layer in arch.layers if layer.keep_block]
+    if multiple == 8:
+        assert all(width % 8 == 0 for width in widths) and arch.metadata["rounding_removals"] > 0
+    else:
+        assert arch.metadata["rounding_removals"] == 0 and any(width % 8 for width in widths)
 
 
 @pytest.fixture(scope="module")

@@ -435,6 +435,7 @@ class UVCMethod(CompressionMethod):
                 keep_blocks[int(torch.argmax(self.theta[:, 1] - self.theta[:, 0]))] = True
             layers = [ProjectionLayer.from_groups(self._groups(i), keep) for i, keep in enumerate(keep_blocks)]
         removed = project_to_budget(layers, geo, self.target_macs)
+        rounded = sum(layer.round_down(self.config.uvc.channel_multiple) for layer in layers)
         architecture = Architecture(
             layers=[layer.to_layer_architecture(geo.head_dim) for layer in layers],
             hidden_channels=list(range(geo.hidden_size)),
@@ -444,7 +445,7 @@ class UVCMethod(CompressionMethod):
             raise RuntimeError(f"UVC final projection failed: {macs} MACs > target {self.target_macs:.0f}")
         architecture.metadata.update(
             method=self.name, macs=macs, ratio=macs / self.dense_macs, target_macs=float(self.target_macs),
-            hard_ratio=self.hard_ratio(), projection_removals=removed,
+            hard_ratio=self.hard_ratio(), projection_removals=removed, rounding_removals=rounded,
         )
         return architecture
 

@@ -2,7 +2,8 @@
 
 The official code ends wherever the primal-dual iterates stop (its DeiT-T run for a 50% budget ended at 42.7%
 FLOPs); here the last step greedily removes the unit group with the least damage per MAC saved until
-`architecture_macs <= target` holds exactly.
+`architecture_macs <= target` holds exactly, then cuts MLP widths and value head dims down to multiples of
+`UVCConfig.channel_multiple` (hardware-friendly shapes; benchmarks/results/speed_uvc_rounding.md).
 """
 
 from __future__ import annotations
@@ -91,6 +92,20 @@ class ProjectionLayer:
             del self.heads[head], self.head_sums[head]
         elif kind == "block":
             self.keep = False
+
+    def round_down(self, multiple: int) -> int:
+        """Remove the lowest-scoring MLP units and value dims until each width is a multiple of `multiple` (widths
+        under `multiple` stay). Only removes, so the MACs can only fall. Returns the number of units removed."""
+        if not self.keep or multiple <= 1:
+            return 0
+        removed = 0
+        while len(self.mlp) >= multiple and len(self.mlp) % multiple:
+            self.remove("mlp")
+            removed += 1
+        while self.v_dim >= multiple and self.v_dim % multiple:
+            self.remove("vdim")
+            removed += self.num_heads
+        return removed
 
     def to_layer_architecture(self, head_dim: int) -> LayerArchitecture:
         if not self.keep:
