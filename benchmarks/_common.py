@@ -238,7 +238,7 @@ def uvc_architecture(model, target_flops: float, seed: int = 0, channel_multiple
     """UVC's final projection applied to the untrained model (counts at 0, all blocks running): it removes the unit
     groups with the least weight norm per MAC saved until the budget holds. On random weights this is close to
     arbitrary, so the shapes say more about UVC's export format than about a trained search. `channel_multiple`
-    overrides `UVCConfig.channel_multiple` (library default 8; 1: the spec's unit granularity)."""
+    overrides `UVCConfig.channel_multiple` (library default 1, the spec's unit granularity)."""
     from hf_vit_compress import CompressionConfig
     from hf_vit_compress.methods import build_method
 

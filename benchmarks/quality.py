@@ -96,6 +96,8 @@ def parse_args(argv=None):
     parser.add_argument("--uvc-counts-lr", type=float, default=None, help="UVC count lr (default: demo's)")
     parser.add_argument("--uvc-counts-space", choices=("fraction", "units"), default=None,
                         help="UVC count step space (default: the library's)")
+    parser.add_argument("--uvc-channel-multiple", type=int, default=None,
+                        help="UVC: cut final widths down to multiples of this (default: the library's, 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0 = torch's default)")
     parser.add_argument("--cache-dir", default=str(C.REPO / "benchmarks" / ".cache"))
     parser.add_argument("--name", default=None, help="results stem (default quality_<mode>)")
@@ -283,7 +285,8 @@ def search_settings(args) -> dict:
             "ofb.elimination": (f"~{args.ofb_elimination_rounds} rounds over the search" if args.ofb_elimination_rounds
                                 else "library default (3 rounds per epoch)"),
             "uvc.counts_lr": args.uvc_counts_lr if args.uvc_counts_lr is not None else short.uvc.counts_lr,
-            "uvc.counts_space": args.uvc_counts_space or short.uvc.counts_space}
+            "uvc.counts_space": args.uvc_counts_space or short.uvc.counts_space,
+            "uvc.channel_multiple": args.uvc_channel_multiple or short.uvc.channel_multiple}
 
 
 def apply_search_settings(config, args) -> None:
@@ -292,6 +295,7 @@ def apply_search_settings(config, args) -> None:
     config.ofb.flops_loss_weight = settings["ofb.flops_loss_weight"]
     config.uvc.counts_lr = settings["uvc.counts_lr"]
     config.uvc.counts_space = settings["uvc.counts_space"]
+    config.uvc.channel_multiple = settings["uvc.channel_multiple"]
 
 
 def run_one(method: str, budget: float, seed: int, dense, args, train_set, eval_set) -> dict:

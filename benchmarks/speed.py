@@ -63,8 +63,8 @@ def parse_args(argv=None):
     parser.add_argument("--attn", default="sdpa,eager", help="attention implementations")
     parser.add_argument("--ours-variants", default="export",
                         help="export (the model export_compressed_model returns), qkv-fused (experiment: the "
-                             "same model with q/k/v in one Linear, built here, not by the library) and/or unrounded "
-                             "(the method with channel_multiple=1: widths at unit granularity, item 4's 'before')")
+                             "same model with q/k/v in one Linear, built here, not by the library), unrounded / "
+                             "rounded8 (the method with channel_multiple=1 / 8)")
     parser.add_argument("--control", action="store_true",
                         help="also time the compressed format with nothing pruned (implementation overhead vs HF ViT)")
     parser.add_argument("--methods", default="ofb", help="architectures for 'ours': ofb and/or uvc")
@@ -172,11 +172,13 @@ def build_variants(shape_name: str, args) -> tuple[torch.nn.Module, list[dict]]:
                     model, suffix, variant_architecture = compressed, "", architecture
                 elif variant == "qkv-fused":
                     model, suffix, variant_architecture = C.fuse_qkv(copy.deepcopy(compressed)), "+qkv", architecture
-                elif variant == "unrounded":
-                    variant_architecture = derive(dense, budget, seed=args.seed, channel_multiple=1)
-                    model, suffix = export_compressed_model(dense, variant_architecture).eval(), "-unrounded"
+                elif variant in ("unrounded", "rounded8"):
+                    multiple = 1 if variant == "unrounded" else 8
+                    variant_architecture = derive(dense, budget, seed=args.seed, channel_multiple=multiple)
+                    model, suffix = export_compressed_model(dense, variant_architecture).eval(), f"-{variant}"
                 else:
-                    raise ValueError(f"--ours-variants: unknown {variant!r}; allowed: export, qkv-fused, unrounded")
+                    raise ValueError(f"--ours-variants: unknown {variant!r}; allowed: export, qkv-fused, unrounded, "
+                                     "rounded8")
                 variants.append(dict(entry, name=f"{method}{suffix}@{budget:g}", model=model, macs=count_macs(model),
                                      architecture=variant_architecture))
         if not args.no_tp:

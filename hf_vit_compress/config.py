@@ -107,8 +107,7 @@ class OFBConfig:
 
 @dataclass
 class UVCConfig:
-    """UVC settings (spec/uvc.md). Defaults are the paper's / official code's, except `counts_space` and
-    `channel_multiple`.
+    """UVC settings (spec/uvc.md). Defaults are the paper's / official code's, except `counts_space`.
 
     Args:
         gumbel_tau: temperature of the Gumbel-softmax block gates.
@@ -122,9 +121,11 @@ class UVCConfig:
             the MACs of one MLP unit (112 on DeiT-S), so MLP counts then move ~3e-5 times as fast relative to their
             range as head counts (DeiT-S) and the budget is met by heads alone.
         counts_lr: SGD learning rate of the continuous removal counts s, r (see `counts_space` for its unit).
-        channel_multiple: after the final projection, MLP widths and value head dims are cut down to a multiple of
-            this (widths under it stay; 1 keeps the spec's unit granularity). Only removes units, so the budget
-            still holds.
+        channel_multiple: after the final projection, cut MLP widths and value head dims down to a multiple of
+            this (widths under it stay). Only removes units, so the budget still holds but goes partly unused: on
+            the 4-block CIFAR-10 ViT of benchmarks/quality.py, 8 ended at 0.474 of the MACs for a 0.5 budget. 1
+            (default) keeps the spec's unit granularity; 8 suits GPU tensor-core kernels (no CPU speed gain
+            measured: benchmarks/results/speed_uvc_rounding.md).
         theta_lr, theta_momentum: SGD settings of the skip-gate logits.
         theta_budget_weight: weight of z * dR/dtheta in theta's gradient.
         dual_lr: ascent step of the group duals y and p.
@@ -139,7 +140,7 @@ class UVCConfig:
     theta_init: tuple[float, float] = (-1.0, 1.0)
     counts_space: str = "fraction"
     counts_lr: float = 0.02
-    channel_multiple: int = 8
+    channel_multiple: int = 1
     theta_lr: float = 0.1
     theta_momentum: float = 0.9
     theta_budget_weight: float = 5e-4

@@ -12,11 +12,11 @@ from transformers import ViTConfig, ViTForImageClassification
 from hf_vit_compress.config import CompressionConfig
 from hf_vit_compress.distill import distillation_loss, frozen_teacher_copy, split_student_logits
 from hf_vit_compress.export import export_compressed_model
-from hf_vit_compress.flops import architecture_macs, count_macs, measured_macs
+from hf_vit_compress.flops import architecture_macs, count_macs, geometry, measured_macs, stem_and_head_macs
 from hf_vit_compress.gating import install_gates
 from hf_vit_compress.methods import build_method
 from hf_vit_compress.methods.uvc import UVCMethod, least_k_sum
-from hf_vit_compress.methods.uvc_projection import ProjectionLayer
+from hf_vit_compress.methods.uvc_projection import ProjectionLayer, round_to_multiple
 
 NUM_LABELS = 5
 
@@ -310,9 +310,27 @@ def test_decide_rounds_widths_and_stays_within_budget(multiple):
     assert architecture_macs(model, arch) <= method.target_macs
     widths = [layer.intermediate_size for layer in arch.layers if layer.keep_block]
     if multiple == 8:
-        assert all(width % 8 == 0 for width in widths) and arch.metadata["rounding_removals"] > 0
+        assert all(width % 8 == 0 for width in widths)
+        # the budget is used: no further block of 8 MLP units fits (the smallest growth step on this model)
+        geo = method.geometry
+        mlp_step = 2 * geo.tokens * geo.hidden_size * 8
+        assert method.target_macs - architecture_macs(model, arch) < mlp_step
     else:
         assert arch.metadata["rounding_removals"] == 0 and any(width % 8 for width in widths)
+
+
+def test_round_to_multiple_adds_back_the_best_units_within_budget():
+    geo = geometry(tiny_vit())
+    mlp = sorted(((float(j), j) for j in range(10)), reverse=True)  # widths 10, scores = index
+    mlp_out = [(100.0 + j, 10 + j) for j in range(6)]  # 6 strong units the search masked
+    layer = ProjectionLayer(True, {0: [(1.0, 0), (1.0, 1)]}, mlp, mlp_out=mlp_out)
+    base = round_to_multiple([ProjectionLayer(True, {0: [(1.0, 0), (1.0, 1)]}, list(mlp))], geo, 0, 4)
+    assert base == 2  # nothing fits a zero budget: only the cut 10 -> 8
+    budget = stem_and_head_macs(geo, geo.hidden_size) + layer.macs(geo, mlp=12)
+    assert round_to_multiple([layer], geo, budget, 4) == -2  # cut 2, then 4 came back
+    assert len(layer.mlp) == 12
+    # the 4 best units not kept came back (the masked 102..105), the cut ones (0, 1) did not
+    assert sorted(j for _, j in layer.mlp) == [2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15]
 
 
 @pytest.fixture(scope="module")

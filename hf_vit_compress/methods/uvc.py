@@ -74,7 +74,7 @@ from ..config import CompressionConfig
 from ..flops import macs_from_widths
 from ..gating import Masks
 from .base import CompressionMethod
-from .uvc_projection import ProjectionLayer, project_to_budget
+from .uvc_projection import ProjectionLayer, project_to_budget, round_to_multiple
 
 
 # -- least-k sum ----------------------------------------------------------------------------------------------
@@ -435,7 +435,7 @@ class UVCMethod(CompressionMethod):
                 keep_blocks[int(torch.argmax(self.theta[:, 1] - self.theta[:, 0]))] = True
             layers = [ProjectionLayer.from_groups(self._groups(i), keep) for i, keep in enumerate(keep_blocks)]
         removed = project_to_budget(layers, geo, self.target_macs)
-        rounded = sum(layer.round_down(self.config.uvc.channel_multiple) for layer in layers)
+        rounded = round_to_multiple(layers, geo, self.target_macs, self.config.uvc.channel_multiple)
         architecture = Architecture(
             layers=[layer.to_layer_architecture(geo.head_dim) for layer in layers],
             hidden_channels=list(range(geo.hidden_size)),

@@ -2,12 +2,14 @@
 
 The official code ends wherever the primal-dual iterates stop (its DeiT-T run for a 50% budget ended at 42.7%
 FLOPs); here the last step greedily removes the unit group with the least damage per MAC saved until
-`architecture_macs <= target` holds exactly, then cuts MLP widths and value head dims down to multiples of
-`UVCConfig.channel_multiple` (hardware-friendly shapes; benchmarks/results/speed_uvc_rounding.md).
+`architecture_macs <= target` holds exactly; with `UVCConfig.channel_multiple` > 1 it then rounds MLP widths and
+value head dims to multiples of it within the budget (hardware-friendly shapes; benchmarks/results/
+speed_uvc_rounding.md).
 """
 
 from __future__ import annotations
 
+import bisect
 from typing import TYPE_CHECKING
 
 from ..architecture import LayerArchitecture
@@ -21,23 +23,31 @@ class ProjectionLayer:
     """Kept units of one block during the final projection. Unit lists are sorted by DEscending score, so `pop()`
     removes the lowest-scoring one; the sums of kept scores are maintained, so each step costs O(heads)."""
 
-    def __init__(self, keep: bool, heads: dict[int, list[tuple[float, int]]], mlp: list[tuple[float, int]]):
+    def __init__(self, keep: bool, heads: dict[int, list[tuple[float, int]]], mlp: list[tuple[float, int]],
+                 dims_out: dict[int, list[tuple[float, int]]] | None = None,
+                 mlp_out: list[tuple[float, int]] | None = None):
         self.keep = keep
         self.heads = heads  # head -> kept (score, channel) value dims, descending
         self.head_sums = {head: sum(score for score, _ in dims) for head, dims in heads.items()}
         self.mlp = mlp  # kept (score, neuron), descending
         self.mlp_sum = sum(score for score, _ in mlp)
+        # units not kept (masked by the search or removed here), ascending, so `pop()` returns the best of them
+        self.dims_out = {head: sorted((dims_out or {}).get(head, [])) for head in heads}
+        self.mlp_out = sorted(mlp_out or [])
 
     @classmethod
     def from_groups(cls, groups: _Groups, keep: bool) -> "ProjectionLayer":
         dim_scores = groups.dim_scores.cpu().tolist()
-        heads = {}
+        heads, dims_out = {}, {}
         for head in (~groups.heads_removed).nonzero().flatten().tolist():
-            kept = (~groups.dims_removed[head]).nonzero().flatten().tolist()
-            heads[head] = sorted(((dim_scores[head][c], c) for c in kept), reverse=True)
+            removed = groups.dims_removed[head].tolist()
+            heads[head] = sorted(((dim_scores[head][c], c) for c, out in enumerate(removed) if not out), reverse=True)
+            dims_out[head] = [(dim_scores[head][c], c) for c, out in enumerate(removed) if out]
         mlp_scores = groups.mlp_scores.cpu().tolist()
-        mlp = sorted(((mlp_scores[j], j) for j in (~groups.mlp_removed).nonzero().flatten().tolist()), reverse=True)
-        return cls(keep, heads, mlp)
+        removed = groups.mlp_removed.tolist()
+        mlp = sorted(((mlp_scores[j], j) for j, out in enumerate(removed) if not out), reverse=True)
+        mlp_out = [(mlp_scores[j], j) for j, out in enumerate(removed) if out]
+        return cls(keep, heads, mlp, dims_out, mlp_out)
 
     @property
     def num_heads(self) -> int:
@@ -83,15 +93,46 @@ class ProjectionLayer:
 
     def remove(self, kind: str) -> None:
         if kind == "mlp":
-            self.mlp_sum -= self.mlp.pop()[0]
+            unit = self.mlp.pop()
+            self.mlp_sum -= unit[0]
+            bisect.insort(self.mlp_out, unit)
         elif kind == "vdim":
             for head, dims in self.heads.items():
-                self.head_sums[head] -= dims.pop()[0]
+                unit = dims.pop()
+                self.head_sums[head] -= unit[0]
+                bisect.insort(self.dims_out[head], unit)
         elif kind == "head":
             head = self._weakest_head()
-            del self.heads[head], self.head_sums[head]
+            del self.heads[head], self.head_sums[head], self.dims_out[head]
         elif kind == "block":
             self.keep = False
+
+    def add_back(self, kind: str, count: int) -> None:
+        """Return the `count` best units of `kind` ("mlp" or "vdim": in every kept head) that are not kept."""
+        for _ in range(count):
+            if kind == "mlp":
+                unit = self.mlp_out.pop()
+                self.mlp_sum += unit[0]
+                bisect.insort(self.mlp, unit, key=lambda item: (-item[0], -item[1]))
+            else:
+                for head, dims in self.heads.items():
+                    unit = self.dims_out[head].pop()
+                    self.head_sums[head] += unit[0]
+                    bisect.insort(dims, unit, key=lambda item: (-item[0], -item[1]))
+
+    def growth_options(self, geo, multiple: int) -> list[tuple[float, int, str]]:
+        """(score added, MACs added, kind) of adding `multiple` more MLP units or value dims per head, for widths
+        that are already multiples of it and have that many units left to add."""
+        if not self.keep:
+            return []
+        current, options = self.macs(geo), []
+        if len(self.mlp) % multiple == 0 and len(self.mlp_out) >= multiple:
+            gain = sum(score for score, _ in self.mlp_out[-multiple:])
+            options.append((gain, self.macs(geo, mlp=len(self.mlp) + multiple) - current, "mlp"))
+        if self.heads and self.v_dim % multiple == 0 and all(len(out) >= multiple for out in self.dims_out.values()):
+            gain = sum(score for out in self.dims_out.values() for score, _ in out[-multiple:])
+            options.append((gain, self.macs(geo, v_dim=self.v_dim + multiple) - current, "vdim"))
+        return options
 
     def round_down(self, multiple: int) -> int:
         """Remove the lowest-scoring MLP units and value dims until each width is a multiple of `multiple` (widths
@@ -154,3 +195,22 @@ def project_to_budget(layers: list[ProjectionLayer], geo, target_macs: float) ->
         else:
             best[index] = layers[index].best_candidate(geo, kept > 1)
     return removals
+
+
+def round_to_multiple(layers: list[ProjectionLayer], geo, target_macs: float, multiple: int) -> int:
+    """Make every MLP width and value head dim a multiple of `multiple` within the budget: cut each down (lowest
+    scores first), then greedily add back `multiple` units at a time, best score per MAC first, while the MACs stay
+    at or under `target_macs`. Widths under `multiple` stay as they are. Returns the net number of units removed."""
+    if multiple <= 1:
+        return 0
+    removed = sum(layer.round_down(multiple) for layer in layers)
+    total = int(stem_and_head_macs(geo, geo.hidden_size)) + sum(layer.macs(geo) for layer in layers)
+    while True:
+        options = [(gain / cost, index, kind, cost) for index, layer in enumerate(layers)
+                   for gain, cost, kind in layer.growth_options(geo, multiple) if 0 < cost <= target_macs - total]
+        if not options:
+            return removed
+        _, index, kind, cost = max(options)
+        layers[index].add_back(kind, multiple)
+        total += cost
+        removed -= multiple * (1 if kind == "mlp" else layers[index].num_heads)
