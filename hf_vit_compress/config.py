@@ -121,11 +121,11 @@ class UVCConfig:
             the MACs of one MLP unit (112 on DeiT-S), so MLP counts then move ~3e-5 times as fast relative to their
             range as head counts (DeiT-S) and the budget is met by heads alone.
         counts_lr: SGD learning rate of the continuous removal counts s, r (see `counts_space` for its unit).
-        channel_multiple: after the final projection, cut MLP widths and value head dims down to a multiple of
-            this (widths under it stay). Only removes units, so the budget still holds but goes partly unused: on
-            the 4-block CIFAR-10 ViT of benchmarks/quality.py, 8 ended at 0.474 of the MACs for a 0.5 budget. 1
-            (default) keeps the spec's unit granularity; 8 suits GPU tensor-core kernels (no CPU speed gain
-            measured: benchmarks/results/speed_uvc_rounding.md).
+        channel_multiple: after the final projection, round MLP widths and value head dims to a multiple of this
+            within the budget (cut down, then add back the best blocks of units that fit; widths under it stay).
+            1 (default) keeps the spec's unit granularity: on CPU 8 gave no consistent speed gain and cost 0.25
+            points on CIFAR-10 (benchmarks/results/speed_uvc_rounding.md, quality_cpu_uvc_rounded8.md); 8 suits
+            GPU tensor-core kernels.
         theta_lr, theta_momentum: SGD settings of the skip-gate logits.
         theta_budget_weight: weight of z * dR/dtheta in theta's gradient.
         dual_lr: ascent step of the group duals y and p.
