@@ -81,6 +81,10 @@ def parse_args(argv=None):
     parser.add_argument("--malloc", choices=("default", "no-mmap"), default="default",
                         help="no-mmap: restart with MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ at 4 GiB so glibc "
                              "keeps freed activation buffers instead of unmapping them (no page faults per forward)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where to time (cuda: GPU, synchronised timing, memory from torch.cuda peak stats)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="weights and inputs while timing (checks always run in float32 on CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--name", default=None, help="results file stem (default speed, or speed_quick)")
     parser.add_argument("--output-dir", default=str(C.RESULTS))
@@ -89,6 +93,8 @@ def parse_args(argv=None):
     parser.add_argument("--worker-batch", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--worker-attn", default="sdpa", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
     if args.quick:
         args.shapes, args.budgets, args.batch_sizes = "deit-tiny", "0.5", "1,4"
         args.repeats = args.repeats or 3
@@ -107,9 +113,10 @@ def memory_worker(args) -> None:
         torch.set_num_threads(args.threads)
     import hf_vit_compress  # noqa: F401  (unpickling the compressed model imports its class)
 
-    model = torch.load(args.memory_worker, weights_only=False).eval()
+    dtype = getattr(torch, args.dtype)
+    model = torch.load(args.memory_worker, weights_only=False).eval().to(dtype)
     C.set_attention(model, args.worker_attn)
-    pixel_values = torch.randn(args.worker_batch, 3, 224, 224)
+    pixel_values = torch.randn(args.worker_batch, 3, 224, 224, dtype=dtype)
     gc.collect()
     result = {}
     try:
@@ -129,9 +136,9 @@ def memory_worker(args) -> None:
     print("MEMORY_RESULT " + json.dumps(result), flush=True)
 
 
-def measure_memory(model_path: Path, batch: int, attn: str, threads: int | None) -> dict:
+def measure_memory(model_path: Path, batch: int, attn: str, threads: int | None, dtype: str) -> dict:
     command = [sys.executable, __file__, "--memory-worker", str(model_path), "--worker-batch", str(batch),
-               "--worker-attn", attn]
+               "--worker-attn", attn, "--dtype", dtype]
     if threads:
         command += ["--threads", str(threads)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
@@ -140,6 +147,22 @@ def measure_memory(model_path: Path, batch: int, attn: str, threads: int | None)
             result = json.loads(line[len("MEMORY_RESULT "):])
             return {key: (value / 2**20 if isinstance(value, int) else value) for key, value in result.items()}
     raise RuntimeError(f"memory worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
+@torch.inference_mode()
+def measure_cuda_memory(model, batch: int, attn: str, dtype: torch.dtype) -> dict:
+    """Peak CUDA memory of one forward, in MiB: `peak_extra` above what was allocated before it (activations,
+    workspaces) and `peak_rss` (the allocator's whole peak, weights included; named like the CPU columns)."""
+    C.set_attention(model, attn)
+    pixel_values = torch.randn(batch, 3, 224, 224, device="cuda", dtype=dtype)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    model(pixel_values=pixel_values)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return {"method": "torch.cuda.max_memory_allocated after reset_peak_memory_stats", "rss_before": before / 2**20,
+            "peak_rss": peak / 2**20, "peak_extra": max(0, peak - before) / 2**20}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -215,9 +238,13 @@ def cross_checks(dense, variants) -> None:
             variant["max_abs_logit_diff_vs_gated"] = float((exported - gated).abs().max())
 
 
-def time_cell(variants, batch: int, attn: str, repeats: int, warmup: int, seed: int) -> dict[str, list[float]]:
-    """Round-robin timing of every variant (order rotated each round); returns seconds per forward."""
+def time_cell(variants, batch: int, attn: str, repeats: int, warmup: int, seed: int, device: str = "cpu",
+              dtype: torch.dtype = torch.float32) -> dict[str, list[float]]:
+    """Round-robin timing of every variant (order rotated each round); returns seconds per forward (on CUDA
+    synchronised before and after each forward, so a time is the whole forward's)."""
     pixel_values = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+    pixel_values = pixel_values.to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for variant in variants:
         C.set_attention(variant["model"], attn)
     times = {variant["name"]: [] for variant in variants}
@@ -228,8 +255,10 @@ def time_cell(variants, batch: int, attn: str, repeats: int, warmup: int, seed: 
         for round_index in range(repeats):
             shift = round_index % len(variants)
             for variant in variants[shift:] + variants[:shift]:
+                sync()
                 started = time.perf_counter()
                 variant["model"](pixel_values=pixel_values)
+                sync()
                 times[variant["name"]].append(time.perf_counter() - started)
     return times
 
@@ -257,14 +286,21 @@ def summarize(times: dict[str, list[float]], variants, batch: int) -> list[dict]
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _device_label(results: dict) -> str:
+    settings = results["settings"]
+    return f"{settings.get('dtype', 'float32')} on {settings.get('device', 'cpu').upper()}"
+
+
 def write_markdown(path: Path, results: dict) -> None:
     prov = results["provenance"]
     lines = [C.markdown_header(
         "Inference speed and memory: dense vs compressed (ours) vs Torch-Pruning", prov,
         [f"settings: {results['settings']}", f"wall time: {results['wall_seconds'] / 60:.1f} min",
-         "float32 on CPU, `torch.inference_mode()`, random weights; speedup = median over rounds of the paired "
-         "t_dense / t_variant; ideal = dense MACs / variant MACs; memory from a fresh process per cell "
-         "(peak extra = VmHWM - VmRSS before the forward; see benchmarks/speed.py)"])]
+         f"{_device_label(results)}, `torch.inference_mode()`, random weights; speedup = median over rounds of "
+         "the paired t_dense / t_variant; ideal = dense MACs / variant MACs; memory: "
+         + ("torch.cuda peak allocated during one forward (peak extra = above what was allocated before it)"
+            if results["settings"].get("device") == "cuda" else
+            "a fresh process per cell (peak extra = VmHWM - VmRSS before the forward; see benchmarks/speed.py)")])]
     headline = results.get("headline")
     if headline:
         lines.append(f"**Headline** ({headline['cell']}): ours speedup/ideal = {headline['ours']:.2f}, "
@@ -325,7 +361,7 @@ def plot(path: Path, results: dict) -> None:
         axis.set_xlim(0.2, 0.8)
     axes[0][0].set_ylabel("speedup / ideal")
     axes[0][-1].legend(fontsize=7)
-    figure.suptitle("CPU float32: measured speedup over the MACs reduction (1 = speed follows MACs)")
+    figure.suptitle(f"{_device_label(results)}: measured speedup over the MACs reduction (1 = speed follows MACs)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -375,8 +411,11 @@ def main(argv=None) -> dict:
                             **{k: v[k] for k in ("tp_ratio", "tp_tries", "architecture_seconds") if k in v}}
                 for v in variants
             }
+            dtype = getattr(torch, args.dtype)
+            for v in variants:
+                v["model"].to(device=args.device, dtype=dtype)
             paths = {}
-            if not args.no_memory:
+            if not args.no_memory and args.device == "cpu":
                 for v in variants:
                     paths[v["name"]] = Path(tmp) / f"{shape}-{v['name']}.pt"
                     torch.save(v["model"], paths[v["name"]])
@@ -389,12 +428,14 @@ def main(argv=None) -> dict:
                     repeats = args.repeats or DEFAULT_REPEATS.get((shape, batch), 3)
                     warmup = args.warmup if args.warmup is not None else (2 if batch == 1 else 1)
                     C.log(f"{cell_key}: timing {len(variants)} variants, {warmup} warm-up + {repeats} rounds")
-                    times = time_cell(variants, batch, attn, repeats, warmup, args.seed)
+                    times = time_cell(variants, batch, attn, repeats, warmup, args.seed, args.device, dtype)
                     rows = summarize(times, variants, batch)
                     for row, v in zip(rows, variants):
                         row.update(params=v["params"], gmacs=v["macs"] / 1e9)
-                        if not args.no_memory:
-                            row["memory"] = measure_memory(paths[v["name"]], batch, attn, args.threads)
+                        if not args.no_memory and args.device == "cuda":
+                            row["memory"] = measure_cuda_memory(v["model"], batch, attn, dtype)
+                        elif not args.no_memory:
+                            row["memory"] = measure_memory(paths[v["name"]], batch, attn, args.threads, args.dtype)
                     results["cells"].append(dict(shape=shape, batch=batch, attn=attn, repeats=repeats,
                                                  warmup=warmup, rows=rows))
                     for row in rows:
