@@ -146,6 +146,15 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def save_figure(figure, path: Path) -> None:
+    """Lay out, write (110 dpi, like the library's report plots) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CPU memory: the kernel's counters (tracemalloc does not see torch's allocations)
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,21 +226,12 @@ def ofb_architecture(model, target_flops: float, seed: int = 0, channel_multiple
     of 8 for dimensions >= 64), reproducibly and without training. `channel_multiple` overrides the library's
     `OFBConfig.channel_multiple` (1: unrounded candidate widths).
     """
-    from hf_vit_compress import CompressionConfig
-    from hf_vit_compress.methods import build_method
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        config = CompressionConfig(method="ofb", target_flops=target_flops)
-        if channel_multiple is not None:
-            config.ofb.channel_multiple = channel_multiple
-        method = build_method(model, config)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for module in method.searchable_modules().values():
-                module.alpha.copy_(torch.randn(module.alpha.shape, generator=generator))
-        architecture = method.decide()
-    return _without_scales(architecture)
+    method = _seeded_method(model, "ofb", target_flops, seed, channel_multiple)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in method.searchable_modules().values():
+            module.alpha.copy_(torch.randn(module.alpha.shape, generator=generator))
+    return _without_scales(method.decide())
 
 
 def uvc_architecture(model, target_flops: float, seed: int = 0, channel_multiple: int | None = None) -> Architecture:
@@ -239,17 +239,21 @@ def uvc_architecture(model, target_flops: float, seed: int = 0, channel_multiple
     groups with the least weight norm per MAC saved until the budget holds. On random weights this is close to
     arbitrary, so the shapes say more about UVC's export format than about a trained search. `channel_multiple`
     overrides `UVCConfig.channel_multiple` (library default 1, the spec's unit granularity)."""
+    return _without_scales(_seeded_method(model, "uvc", target_flops, seed, channel_multiple).decide())
+
+
+def _seeded_method(model, name: str, target_flops: float, seed: int, channel_multiple: int | None):
+    """`build_method` for `name` with its random initial state drawn from `torch.manual_seed(seed)` (the caller's
+    RNG state is left as it was); `channel_multiple` overrides the method config's."""
     from hf_vit_compress import CompressionConfig
     from hf_vit_compress.methods import build_method
 
+    config = CompressionConfig(method=name, target_flops=target_flops)
+    if channel_multiple is not None:
+        getattr(config, name).channel_multiple = channel_multiple
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        config = CompressionConfig(method="uvc", target_flops=target_flops)
-        if channel_multiple is not None:
-            config.uvc.channel_multiple = channel_multiple
-        method = build_method(model, config)
-        architecture = method.decide()
-    return _without_scales(architecture)
+        return build_method(model, config)
 
 
 def _without_scales(architecture: Architecture) -> Architecture:

@@ -473,9 +473,7 @@ def plot(results: dict, path: Path) -> None:
                    "(median, min-max over seeds)", fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    C.save_figure(figure, path)
 
 
 def main(argv=None) -> dict:

@@ -362,9 +362,7 @@ def plot(path: Path, results: dict) -> None:
     axes[0][0].set_ylabel("speedup / ideal")
     axes[0][-1].legend(fontsize=7)
     figure.suptitle(f"{_device_label(results)}: measured speedup over the MACs reduction (1 = speed follows MACs)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    C.save_figure(figure, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -391,6 +389,7 @@ def main(argv=None) -> dict:
                                                 and k != "memory_worker"},
                "cells": [], "architectures": {}, "checks": [], "skipped": []}
     output_dir = Path(args.output_dir)
+    dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory(prefix="speed-bench-") as tmp:
         for shape in args.shapes.split(","):
             C.log(f"{shape}: building dense, ours and Torch-Pruning variants")
@@ -411,7 +410,6 @@ def main(argv=None) -> dict:
                             **{k: v[k] for k in ("tp_ratio", "tp_tries", "architecture_seconds") if k in v}}
                 for v in variants
             }
-            dtype = getattr(torch, args.dtype)
             for v in variants:
                 v["model"].to(device=args.device, dtype=dtype)
             paths = {}

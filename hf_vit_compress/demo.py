@@ -121,7 +121,6 @@ def _training_arguments(settings: DemoSettings, output_dir: Path, epochs: int) -
 
 
 @torch.no_grad()
-@torch.no_grad()
 def accuracy(model: torch.nn.Module, dataset, batch_size: int = 256) -> float:
     """Top-1 accuracy of `model` on a prepared dataset (leaves the model in eval mode)."""
     model.eval()

@@ -19,6 +19,15 @@ if TYPE_CHECKING:
     from .uvc import _Groups
 
 
+def _descending(unit: tuple[float, int]) -> tuple[float, int]:
+    """Sort key of the kept-unit lists: score descending, ties by index descending (as `sorted(reverse=True)`)."""
+    return -unit[0], -unit[1]
+
+
+def _total_macs(layers: list["ProjectionLayer"], geo) -> int:
+    return int(stem_and_head_macs(geo, geo.hidden_size)) + sum(layer.macs(geo) for layer in layers)
+
+
 class ProjectionLayer:
     """Kept units of one block during the final projection. Unit lists are sorted by DEscending score, so `pop()`
     removes the lowest-scoring one; the sums of kept scores are maintained, so each step costs O(heads)."""
@@ -40,13 +49,14 @@ class ProjectionLayer:
         dim_scores = groups.dim_scores.cpu().tolist()
         heads, dims_out = {}, {}
         for head in (~groups.heads_removed).nonzero().flatten().tolist():
-            removed = groups.dims_removed[head].tolist()
-            heads[head] = sorted(((dim_scores[head][c], c) for c, out in enumerate(removed) if not out), reverse=True)
-            dims_out[head] = [(dim_scores[head][c], c) for c, out in enumerate(removed) if out]
+            dim_removed = groups.dims_removed[head].tolist()
+            heads[head] = sorted(((dim_scores[head][c], c) for c, out in enumerate(dim_removed) if not out),
+                                 key=_descending)
+            dims_out[head] = [(dim_scores[head][c], c) for c, out in enumerate(dim_removed) if out]
         mlp_scores = groups.mlp_scores.cpu().tolist()
-        removed = groups.mlp_removed.tolist()
-        mlp = sorted(((mlp_scores[j], j) for j, out in enumerate(removed) if not out), reverse=True)
-        mlp_out = [(mlp_scores[j], j) for j, out in enumerate(removed) if out]
+        mlp_removed = groups.mlp_removed.tolist()
+        mlp = sorted(((mlp_scores[j], j) for j, out in enumerate(mlp_removed) if not out), key=_descending)
+        mlp_out = [(mlp_scores[j], j) for j, out in enumerate(mlp_removed) if out]
         return cls(keep, heads, mlp, dims_out, mlp_out)
 
     @property
@@ -113,12 +123,12 @@ class ProjectionLayer:
             if kind == "mlp":
                 unit = self.mlp_out.pop()
                 self.mlp_sum += unit[0]
-                bisect.insort(self.mlp, unit, key=lambda item: (-item[0], -item[1]))
+                bisect.insort(self.mlp, unit, key=_descending)
             else:
                 for head, dims in self.heads.items():
                     unit = self.dims_out[head].pop()
                     self.head_sums[head] += unit[0]
-                    bisect.insort(dims, unit, key=lambda item: (-item[0], -item[1]))
+                    bisect.insort(dims, unit, key=_descending)
 
     def growth_options(self, geo, multiple: int) -> list[tuple[float, int, str]]:
         """(score added, MACs added, kind) of adding `multiple` more MLP units or value dims per head, for widths
@@ -169,7 +179,7 @@ def project_to_budget(layers: list[ProjectionLayer], geo, target_macs: float) ->
     Running blocks keep at least one unit of each kind; a whole block may go while more than one block runs; the
     last block goes only when nothing else is left to remove. Returns the number of removals.
     """
-    total = int(stem_and_head_macs(geo, geo.hidden_size)) + sum(layer.macs(geo) for layer in layers)
+    total = _total_macs(layers, geo)
     removals = 0
     kept = sum(layer.keep for layer in layers)
     best = [layer.best_candidate(geo, kept > 1) for layer in layers]
@@ -204,7 +214,7 @@ def round_to_multiple(layers: list[ProjectionLayer], geo, target_macs: float, mu
     if multiple <= 1:
         return 0
     removed = sum(layer.round_down(multiple) for layer in layers)
-    total = int(stem_and_head_macs(geo, geo.hidden_size)) + sum(layer.macs(geo) for layer in layers)
+    total = _total_macs(layers, geo)
     while True:
         options = [(gain / cost, index, kind, cost) for index, layer in enumerate(layers)
                    for gain, cost, kind in layer.growth_options(geo, multiple) if 0 < cost <= target_macs - total]
