@@ -40,7 +40,7 @@ Design choices and deviations from the official code (VITA-Group/UVC), each for 
   * Count steps in fractions of each count's range (`counts_space="fraction"`, default): the spec's SGD on the
     counts in units, inf-norm clipped jointly, moves a head count (one head = (3D + N) / (2H) MLP units of
     MACs) and MLP counts with the same unit step; MLP counts then barely move (measured on CIFAR-10, 4-block
-    ViT: mean MLP width 383 of 384 after 100 search steps at counts_lr 1.0, while heads fell from 3 to 1.5)
+    ViT, counts_lr 1.0: mean MLP width 383 of 384 at search steps 60-120, while heads fell to 1.5-1.75 of 3)
     and the budget is met by heads alone. Stepping s / range instead gives every kind a comparable relative
     speed; `counts_space="units"` restores the spec's update.
   * Skip warm-up (the first `skip_warmup_fraction` of the search): gates fixed at (0.5, 0.5), theta frozen (spec).
