@@ -11,12 +11,24 @@ from .modeling import CompressedViTConfig, CompressedViTForImageClassification
 __version__ = "0.1.0"
 
 
-def __getattr__(name):
-    # The trainer pulls in transformers.Trainer/accelerate: import it only when asked for.
-    if name in ("CompressionTrainer", "CompressionCallback"):
-        from . import trainer
+#: imported only when asked for (the trainer pulls in transformers.Trainer/accelerate, the others the Hub client)
+_LAZY = {
+    "CompressionTrainer": "trainer",
+    "CompressionCallback": "trainer",
+    "compute_metrics": "metrics",
+    "ImageClassificationMetrics": "metrics",
+    "push_compressed_folder": "publish",
+    "save_compressed_model": "publish",
+    "build_model_card": "card",
+    "export_onnx": "onnx_export",
+}
 
-        return getattr(trainer, name)
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'hf_vit_compress' has no attribute {name!r}")
 
 
@@ -27,13 +39,19 @@ __all__ = [
     "CompressionCallback",
     "CompressionConfig",
     "CompressionTrainer",
+    "ImageClassificationMetrics",
     "LayerArchitecture",
     "OFBConfig",
     "UVCConfig",
     "apply_architecture",
+    "build_model_card",
+    "compute_metrics",
     "count_macs",
     "count_params",
     "export_compressed_model",
+    "export_onnx",
+    "push_compressed_folder",
     "save_atomically",
+    "save_compressed_model",
     "__version__",
 ]

@@ -33,6 +33,7 @@ from .transforms import (  # re-exported: the transforms are part of the data AP
     EvalImageTransform,
     ImageTransformFn,
     TrainImageTransform,
+    image_processor_for_transform,
     to_rgb_image,
     transforms_from_image_processor,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "EvalImageTransform",
     "TrainImageTransform",
     "collate_images",
+    "image_processor_for_transform",
     "load_digits_dataset",
     "load_image_dataset",
     "prepare_dataset",

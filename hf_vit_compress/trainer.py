@@ -8,7 +8,6 @@ and resume. Everything method-specific goes through `methods.base.CompressionMet
 from __future__ import annotations
 
 import functools
-import json
 import math
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from transformers.utils import logging
 from .architecture import Architecture
 from .config import CompressionConfig
 from .distill import distillation_loss, frozen_teacher_copy
-from .export import export_compressed_model, save_atomically
+from .export import export_compressed_model
 from .gating import install_gates
 from .methods import CompressionMethod, build_method
 from .targets import model_parts
@@ -105,6 +104,10 @@ class CompressionTrainer(Trainer):
         # The loss is a per-batch mean; let the Trainer divide by gradient_accumulation_steps itself.
         self.model_accepts_loss_kwargs = False
         self.compression_history: list[dict] = []
+        #: every evaluate()/evaluate_dense() result, for the model card: {"kind", "step", "prefix", "metrics"}
+        self.evaluations: list[dict] = []
+        #: model card facts only the caller knows (publish.CARD_INFO_KEYS: dataset ids, license, eval dataset, ...)
+        self.model_card_info: dict = {}
         self._method_logs: dict[str, list[float]] = {}
         self.add_callback(CompressionCallback(self))
 
@@ -209,24 +212,64 @@ class CompressionTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         return export_compressed_model(model, self.method.export_architecture())
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """`Trainer.evaluate`, remembered for the model card (after the search: the compressed model's figures)."""
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if eval_dataset is None and not isinstance(self.eval_dataset, dict):
+            kind = "compressed" if self.method.search_finished else "search"
+            self.evaluations.append({"kind": kind, "step": self.state.global_step, "prefix": metric_key_prefix,
+                                     "metrics": metrics})
+        return metrics
+
+    def evaluate_dense(self, metric_key_prefix: str = "dense") -> dict[str, float]:
+        """Evaluate the model with every gate off: before `train()`, the source (dense) model. Metrics are named
+        `dense_*` (e.g. `dense_accuracy`) and go on the model card next to the compressed model's."""
+        self.gate_handle.enabled = False
+        try:
+            metrics = super().evaluate(metric_key_prefix=metric_key_prefix)
+        finally:
+            self.gate_handle.enabled = True
+        self.evaluations.append({"kind": "dense", "step": self.state.global_step, "prefix": metric_key_prefix,
+                                 "metrics": metrics})
+        return metrics
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (internal calls) save the gated model so training can resume. A user's call after the search
-        writes the compressed model (safetensors + modeling files + auto_map), its `architecture.json` and
-        `compression_config.json`, atomically: a failure leaves any previous folder untouched. Without a path it
-        goes to `<args.output_dir>/compressed_model` (replacing `args.output_dir` itself would delete the
-        checkpoints in it)."""
-        method = self.method
-        if _internal_call or not method.search_finished:
-            return super().save_model(output_dir, _internal_call)
-        output_dir = Path(output_dir) if output_dir else Path(self.args.output_dir) / "compressed_model"
-        compressed = self.export_compressed_model()  # every rank builds it; only the main one writes
-        if self.args.should_save:
-            extra_files = {
-                "architecture.json": json.dumps(method.export_architecture().to_dict()) + "\n",
-                "compression_config.json": self.compression_config.to_json_string() + "\n",
-            }
-            save_atomically(compressed, output_dir, extra_files=extra_files)
+        writes the compressed model (safetensors + modeling files + auto_map), its image processor
+        (`processing_class`), `architecture.json`, `compression_config.json`, `compression_report.json` and a
+        README.md model card, atomically (see `publish.py`). Without a path it goes to
+        `<args.output_dir>/compressed_model` (replacing `args.output_dir` itself would delete the checkpoints in
+        it). With `args.push_to_hub` it then pushes the same files (`push_to_hub`); a call before the search has
+        finished saves the gated model and pushes nothing."""
+        if _internal_call or not self.method.search_finished:
+            return super().save_model(output_dir, _internal_call=True)
+        from .publish import save_trainer_model
+
+        save_trainer_model(self, output_dir or Path(self.args.output_dir) / "compressed_model")
         self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, private: bool | None = None, **kwargs):
+        """Upload the COMPRESSED model with its image processor, sidecars and model card (the files `save_model`
+        writes), staged in a temporary folder, to `args.hub_model_id`; never `args.output_dir` (the gated dense
+        model and checkpoints). Arguments as in `Trainer.push_to_hub` (`hub_token`, `hub_private_repo`,
+        `hub_revision` are the defaults); `kwargs` are model card facts (`publish.CARD_INFO_KEYS`, plus Trainer's
+        `finetuned_from` / `dataset_tags`). Returns the `CommitInfo` (a `Future` if not `blocking`; None on
+        non-main processes)."""
+        from .publish import push_trainer_model
+
+        return push_trainer_model(self, commit_message=commit_message, blocking=blocking, token=token,
+                                  revision=revision, private=private, **kwargs)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Trainer pushes every checkpoint's model files to the repo root: here the gated dense model, which must not
+        # reach the Hub. The compressed model is pushed by push_to_hub() / save_model() instead.
+        if not getattr(self, "_told_no_checkpoint_push", False):
+            logger.warning("CompressionTrainer does not push checkpoints (they hold the gated dense model); "
+                           "push_to_hub() and save_model() push the compressed model.")
+            self._told_no_checkpoint_push = True
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Checkpoints of the gated model are written under the model's own parameter names. `save_pretrained`

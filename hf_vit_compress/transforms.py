@@ -31,6 +31,7 @@ __all__ = [
     "EvalImageTransform",
     "ImageTransformFn",
     "TrainImageTransform",
+    "image_processor_for_transform",
     "to_rgb_image",
     "transforms_from_image_processor",
 ]
@@ -402,3 +403,28 @@ def transforms_from_image_processor(
     )
     eval_transform = EvalImageTransform(image_size, mean, std, crop_pct=crop_pct, resample=resample)
     return train_transform, eval_transform
+
+
+def image_processor_for_transform(transform: EvalImageTransform):
+    """A transformers image processor that preprocesses like `transform`, to save beside a model trained with it
+    (so `pipeline("image-classification", model=...)` feeds the model what it was evaluated on).
+
+    `crop_pct` 1.0 gives a `ViTImageProcessor` (resize to `image_size` x `image_size`), smaller gives a
+    `DeiTImageProcessor` (resize to `image_size / crop_pct` square, centre crop `image_size`); same mean, std and
+    resampling filter. On square images both equal `transform` exactly; on others the transform resizes the shorter
+    side (keeping the aspect ratio) where these processors resize to a square.
+
+    Args:
+        transform: the evaluation transform (`EvalImageTransform`, e.g. from `transforms_from_image_processor`).
+    """
+    import transformers
+
+    # The PIL backends need no torchvision (the default backend does); the saved JSON names the standard class.
+    vit = getattr(transformers, "ViTImageProcessorPil", None) or transformers.ViTImageProcessor
+    deit = getattr(transformers, "DeiTImageProcessorPil", None) or transformers.DeiTImageProcessor
+    common = dict(image_mean=list(transform.mean), image_std=list(transform.std), resample=int(transform.resample))
+    size = {"height": transform.image_size, "width": transform.image_size}
+    if transform.crop_pct >= 1.0:
+        return vit(size=size, **common)
+    resized = {"height": transform.resize_size, "width": transform.resize_size}
+    return deit(size=resized, crop_size=size, do_center_crop=True, **common)
