@@ -2,6 +2,8 @@
 
     hf-vit-compress demo [--method ofb|uvc] [--target-flops 0.5] ...       the offline end-to-end demo
     hf-vit-compress train --recipe FILE_OR_NAME [--section.key VALUE ...]  compress a ViT/DeiT with a recipe
+    hf-vit-compress push DIR REPO_ID [--private] [--revision R] ...        publish a saved compressed model
+    hf-vit-compress export-onnx DIR [--output FILE] [--opset 18]           ONNX export, checked with onnxruntime
 
 Overrides of `train`: `--compression.target_flops 0.4`, `--compression.ofb.arch_lr 5e-2`, `--training.max_steps 5`
 (or just `--max_steps 5`: a bare name is looked up in the model/data/training/compression fields),
@@ -95,8 +97,65 @@ def _run_train(arguments: argparse.Namespace, overrides: list[str]) -> int:
     if setup.training.process_index == 0:
         summary = {key: report[key] for key in ("model", "method", "target_flops", "compressed_macs_ratio", "steps")}
         summary["eval_accuracy"] = report["metrics"].get("eval_accuracy")
+        summary.update({key: report[key] for key in ("dense_accuracy", "compressed_accuracy") if key in report})
         print(json.dumps(summary))
         print(f"wrote {report['compressed_model']} and {setup.training.output_dir}/compression_report.json")
+    return 0
+
+
+def _push_parser(subparsers) -> None:
+    push = subparsers.add_parser(
+        "push",
+        help="publish a saved compressed model folder to the Hugging Face Hub (with its card and image processor)",
+        description="Check DIR (a compressed model with its image processor, architecture.json, "
+        "compression_config.json and README.md card, as CompressionTrainer.save_model / train write it), rebuild "
+        "the card from its compression_report.json for REPO_ID, and upload it to the root of REPO_ID (created if "
+        "missing). Log in first (hf auth login) or pass --token.",
+    )
+    push.add_argument("folder", metavar="DIR", help="e.g. <output_dir>/compressed_model")
+    push.add_argument("repo_id", metavar="REPO_ID", help="owner/name on the Hub")
+    push.add_argument("--token", default=None, help="Hub token (default: the logged-in one)")
+    push.add_argument("--private", action="store_true", help="create the repo private (if it does not exist)")
+    push.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
+    push.add_argument("--commit-message", default="Upload compressed model")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--keep-card", action="store_true", help="upload DIR's README.md as it is")
+
+
+def _run_push(arguments: argparse.Namespace) -> int:
+    from .publish import push_compressed_folder
+
+    commit = push_compressed_folder(
+        arguments.folder, arguments.repo_id, token=arguments.token, private=arguments.private or None,
+        revision=arguments.revision, commit_message=arguments.commit_message, create_pr=arguments.create_pr,
+        keep_card=arguments.keep_card,
+    )
+    print(f"pushed {arguments.folder} to {getattr(commit, 'commit_url', None) or arguments.repo_id}")
+    return 0
+
+
+def _export_onnx_parser(subparsers) -> None:
+    from .onnx_export import OPSET
+
+    export = subparsers.add_parser(
+        "export-onnx",
+        help="export a saved compressed model to ONNX (dynamic batch), checked against PyTorch with onnxruntime",
+        description="Export DIR's compressed model to ONNX (input pixel_values, output logits, dynamic batch axis) "
+        "and compare onnxruntime's logits with PyTorch's (float32, atol 1e-4). Needs pip install "
+        "'hf_vit_compress[onnx]'.",
+    )
+    export.add_argument("folder", metavar="DIR", help="a saved compressed model folder")
+    export.add_argument("--output", default=None, help="the .onnx file (default DIR/onnx/model.onnx)")
+    export.add_argument("--opset", type=int, default=OPSET, help="ONNX opset (default %(default)s)")
+    export.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+
+
+def _run_export_onnx(arguments: argparse.Namespace) -> int:
+    from .onnx_export import export_onnx
+
+    result = export_onnx(arguments.folder, arguments.output, opset=arguments.opset, check=not arguments.no_check)
+    checked = "not checked" if result.max_abs_diff is None else f"max |onnx - torch| logit {result.max_abs_diff:.2e}"
+    print(f"wrote {result.path} ({checked})")
     return 0
 
 
@@ -106,19 +165,20 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _demo_parser(subparsers)
     _train_parser(subparsers)
+    _push_parser(subparsers)
+    _export_onnx_parser(subparsers)
     arguments, extra = parser.parse_known_args(argv)
+    commands = {"demo": _run_demo, "push": _run_push, "export-onnx": _run_export_onnx}
     try:
-        if arguments.command == "demo":
-            if extra:
-                parser.error(f"unrecognized arguments: {' '.join(extra)}")
-            return _run_demo(arguments)
         if arguments.command == "train":
             return _run_train(arguments, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return commands[arguments.command](arguments)
     except ValueError as error:  # configuration errors: one clear line, no traceback
         message = " ".join(str(error).split())
         print(f"error: {message}", file=sys.stderr)
         return 2
-    return 1
 
 
 if __name__ == "__main__":

@@ -15,10 +15,17 @@ import torch
 from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification, set_seed
 
 from .config import CompressionConfig
-from .data import collate_images, load_digits_dataset, prepare_dataset, transforms_from_image_processor
-from .export import save_atomically
+from .data import (
+    collate_images,
+    image_processor_for_transform,
+    load_digits_dataset,
+    prepare_dataset,
+    transforms_from_image_processor,
+)
 from .flops import count_macs, count_params
 from .methods import build_method
+from .metrics import evaluate_classifier
+from .publish import compression_report, save_compressed_model
 from .report import plot_bimask_evolution, plot_uvc_search
 from .trainer import CompressionTrainer
 
@@ -120,22 +127,9 @@ def _training_arguments(settings: DemoSettings, output_dir: Path, epochs: int) -
     )
 
 
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy of `model` on a prepared dataset (leaves the model in eval mode)."""
-    model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_images)
-    device = next(model.parameters()).device
-    correct = total = 0
-    for batch in loader:
-        logits = model(pixel_values=batch["pixel_values"].to(device)).logits
-        correct += int((logits.argmax(-1).cpu() == batch["labels"]).sum())
-        total += len(batch["labels"])
-    return correct / total
-
-
 def run_demo(settings: DemoSettings) -> dict:
-    """Train dense, compress, fine-tune, evaluate; write the model, report.json and a plot to `output_dir`."""
+    """Train dense, compress, fine-tune, evaluate (top-1 and top-5 through `evaluate`); write the model (with its
+    image processor and model card), report.json and a plot to `output_dir`."""
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     output_dir = Path(settings.output_dir)
@@ -155,7 +149,7 @@ def run_demo(settings: DemoSettings) -> dict:
     build_method(model, config)  # fail now, not after dense training, if the budget cannot be met
     Trainer(model=model, args=_training_arguments(settings, work_dir, settings.dense_epochs),
             train_dataset=train_set, data_collator=collate_images).train()
-    dense_accuracy = accuracy(model, test_set)
+    dense_metrics = evaluate_classifier(model, test_set)
     dense_macs, dense_params = count_macs(model), count_params(model)
     dense_seconds = time.perf_counter() - started
 
@@ -169,13 +163,16 @@ def run_demo(settings: DemoSettings) -> dict:
     trainer.train()
     compressed = trainer.export_compressed_model()
     compressed_seconds = time.perf_counter() - started - dense_seconds
+    compressed_metrics = evaluate_classifier(compressed, test_set)
     architecture = trainer.method.export_architecture()
     report = {
         "method": settings.method,
         "target_flops": settings.target_flops,
         "seed": settings.seed,
-        "dense_accuracy": dense_accuracy,
-        "compressed_accuracy": accuracy(compressed, test_set),
+        "dense_accuracy": dense_metrics["accuracy"],
+        "compressed_accuracy": compressed_metrics["accuracy"],
+        "dense_top5_accuracy": dense_metrics["top5_accuracy"],
+        "compressed_top5_accuracy": compressed_metrics["top5_accuracy"],
         "dense_macs": dense_macs,
         "compressed_macs": count_macs(compressed),
         "compressed_macs_ratio": count_macs(compressed) / dense_macs,
@@ -187,7 +184,12 @@ def run_demo(settings: DemoSettings) -> dict:
         "settings": asdict(settings),
         "compression_config": config.to_dict(),
     }
-    save_atomically(compressed, output_dir / "model")
+    card_facts = compression_report(
+        trainer, compressed, dense_metrics=dense_metrics, compressed_metrics=compressed_metrics,
+        eval_dataset={"name": "scikit-learn digits (16 px)", "split": "test", "num_examples": len(test_set)},
+    )
+    save_compressed_model(compressed, output_dir / "model", card_facts, architecture.to_dict(),
+                          processor=image_processor_for_transform(eval_transform))
     (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (output_dir / "history.json").write_text(json.dumps(trainer.compression_history) + "\n")
     _plot(trainer.compression_history, settings.method, output_dir)

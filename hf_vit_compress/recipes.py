@@ -89,6 +89,11 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N examples only"})
+    eval_metrics: list[str] | None = field(
+        default=None,
+        metadata={"help": "further `evaluate` metrics (a local module path, or a Hub name when online) computed on "
+                          "the arg-max class, besides top-1 and top-5 accuracy"},
+    )
     image_size: int | None = field(default=None, metadata={"help": "input size; default: the model's image_size"})
     random_crop_min_scale: float = field(default=0.08, metadata={"help": "smallest random-resized-crop area"})
     hflip_prob: float = field(default=0.5, metadata={"help": "probability of a horizontal flip in training"})

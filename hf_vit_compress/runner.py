@@ -13,14 +13,6 @@ from pathlib import Path
 from .recipes import DataArguments, TrainSetup
 
 
-def _accuracy(eval_prediction) -> dict[str, float]:
-    import numpy as np
-
-    logits, labels = eval_prediction.predictions, eval_prediction.label_ids
-    logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
-
-
 def _resample(processor):
     from PIL import Image
 
@@ -51,18 +43,58 @@ def _take(dataset, count: int | None):
     return dataset.select(range(min(count, len(dataset))))
 
 
+def _eval_dataset_card(data: DataArguments, count: int | None) -> dict:
+    """How the card names the evaluation data: a Hub dataset by its id (also in the model-index), local files by
+    their builder (no model-index entry: they have no id to point to)."""
+    from .publish import is_hub_dataset_id
+
+    if is_hub_dataset_id(data.dataset_name):
+        info = {"name": data.dataset_name, "type": data.dataset_name, "split": data.eval_split}
+    else:
+        info = {"name": f"local {data.dataset_name} files", "split": data.eval_split}
+    if data.dataset_config_name:
+        info["config"] = data.dataset_config_name
+    if count is not None:
+        info["num_examples"] = count
+    return info
+
+
+def _recipe_as_run(setup: TrainSetup) -> dict:
+    """The merged recipe with each value as it was parsed and used (typed; `max_steps` as derived for a stream)."""
+    def as_run(section: str, arguments) -> dict:
+        return {key: getattr(arguments, key) for key in setup.recipe.get(section) or {} if hasattr(arguments, key)}
+
+    recipe = {key: setup.recipe[key] for key in ("description",) if key in setup.recipe}
+    recipe.update(model=as_run("model", setup.model), data=as_run("data", setup.data),
+                  training=as_run("training", setup.training), compression=setup.recipe.get("compression") or {})
+    return json.loads(json.dumps(recipe, default=_plain_value))
+
+
+def _plain_value(value):
+    from dataclasses import asdict, is_dataclass
+    from enum import Enum
+
+    if isinstance(value, Enum):
+        return value.value
+    return asdict(value) if is_dataclass(value) else str(value)
+
+
 def run_recipe(setup: TrainSetup) -> dict:
-    """Load the model and data, search (+ fine-tune) with `CompressionTrainer`, evaluate, and save the compressed
-    model to `<output_dir>/compressed_model` (plus `compression_report.json` and the Trainer's metrics files in
-    `output_dir`). Every process of a multi-process launch runs this; only the main one writes. Returns the report.
+    """Load the model and data, evaluate the dense model, search (+ fine-tune) with `CompressionTrainer`, evaluate,
+    and save the compressed model with its image processor and model card to `<output_dir>/compressed_model` (plus
+    `compression_report.json` and the Trainer's metrics files in `output_dir`); with `training.push_to_hub`, push
+    it (`CompressionTrainer.save_model`). Every process of a multi-process launch runs this; only the main one
+    writes. Returns the report.
     """
     from datasets import ClassLabel
     from transformers import AutoImageProcessor, AutoModelForImageClassification, set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
     from .data import collate_images, prepare_dataset, shuffle_stream, transforms_from_image_processor
-    from .flops import count_macs, count_params
+    from .metrics import ImageClassificationMetrics
+    from .publish import compression_report, is_hub_dataset_id
     from .trainer import CompressionTrainer
+    from .transforms import image_processor_for_transform
 
     m, d, t, c = setup.model, setup.data, setup.training, setup.compression
     set_seed(t.seed)
@@ -126,11 +158,23 @@ def run_recipe(setup: TrainSetup) -> dict:
         t.max_steps = max(1, math.ceil(t.num_train_epochs * steps_per_epoch))
 
     # -- train -------------------------------------------------------------------------------------------------
-    dense_macs, dense_params = count_macs(model), count_params(model)
+    # Published with the model so pipeline() preprocesses like the evaluation did: the source model's processor,
+    # or one built from the evaluation transform when the source has none.
+    published_processor = processor if processor is not None else image_processor_for_transform(eval_transform)
+    metrics_fn = ImageClassificationMetrics(metrics=d.eval_metrics or ())
     trainer = CompressionTrainer(
         model=model, args=t, compression_config=c, teacher=teacher, train_dataset=train, eval_dataset=evaluation,
-        data_collator=collate_images, compute_metrics=_accuracy, steps_per_epoch=steps_per_epoch,
+        data_collator=collate_images, compute_metrics=metrics_fn, steps_per_epoch=steps_per_epoch,
+        preprocess_logits_for_metrics=metrics_fn.preprocess_logits_for_metrics, processing_class=published_processor,
     )
+    trainer.model_card_info["recipe"] = _recipe_as_run(setup)
+    if is_hub_dataset_id(d.dataset_name):
+        trainer.model_card_info["datasets"] = [d.dataset_name]
+    if evaluation is not None:
+        count = None if d.streaming else len(evaluation)
+        trainer.model_card_info["eval_dataset"] = _eval_dataset_card(d, count if count is not None
+                                                                     else d.max_eval_samples)
+        trainer.evaluate_dense()  # the source model, before any step (also when resuming: weights load in train())
     resume = t.resume_from_checkpoint
     if resume is not None and str(resume).lower() in ("last", "true"):
         resume = get_last_checkpoint(t.output_dir)
@@ -142,27 +186,18 @@ def run_recipe(setup: TrainSetup) -> dict:
     if evaluation is not None:
         metrics.update(trainer.evaluate())
     output_dir = Path(t.output_dir) / "compressed_model"
-    trainer.save_model(str(output_dir))  # every rank calls it (it synchronises); only the main process writes
+    # Every rank calls it (it synchronises); only the main process writes (and pushes, with training.push_to_hub).
+    trainer.save_model(str(output_dir))
 
-    architecture = trainer.method.export_architecture()
-    compressed_macs = trainer.method.architecture_macs(architecture)
+    # The same facts as the card's (compressed_model/compression_report.json), plus the run's bookkeeping.
     report = {
+        **compression_report(trainer),
         "model": m.model_name_or_path,
-        "method": c.method,
-        "target_flops": c.target_ratio(dense_macs),
-        "dense_macs": dense_macs,
-        "compressed_macs": compressed_macs,
-        "compressed_macs_ratio": compressed_macs / dense_macs,
-        "dense_params": dense_params,
-        "architecture": architecture.summary(),
-        "steps": trainer.state.global_step,
         "steps_per_epoch": int(trainer.method.steps_per_epoch),
         "metrics": metrics,
         "compressed_model": str(output_dir),
-        "recipe": json.loads(json.dumps(setup.recipe, default=list)),
     }
     if trainer.is_world_process_zero():
-        report["compressed_params"] = count_params(trainer.export_compressed_model())
         trainer.save_metrics("all", metrics)
         (Path(t.output_dir) / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -4,10 +4,12 @@ import json
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModelForImageClassification
 
 from hf_vit_compress.cli import main
 from hf_vit_compress.demo import DemoSettings, run_demo
+from hf_vit_compress.publish import check_publishable
 
 REPORT_KEYS = {
     "dense_accuracy", "compressed_accuracy", "dense_macs", "compressed_macs", "dense_params", "compressed_params",
@@ -32,6 +34,13 @@ def test_demo_writes_model_report_and_plot(tmp_path, method, plot):
     assert model.config.model_type == "compressed_vit"
     logits = model(pixel_values=torch.zeros(1, 3, 16, 16)).logits
     assert logits.shape == (1, 10)
+    # Published like any compressed model: image processor, sidecars and a card with the demo's measurements.
+    check_publishable(tmp_path / "model")
+    card = ModelCard.load(tmp_path / "model" / "README.md")
+    assert card.data.compression["compressed_metrics"] == {"accuracy": report["compressed_accuracy"],
+                                                           "top5_accuracy": report["compressed_top5_accuracy"]}
+    assert card.data.compression["dense_metrics"]["accuracy"] == report["dense_accuracy"]
+    assert report["dense_accuracy"] <= report["dense_top5_accuracy"]
 
 
 def test_demo_cli_rejects_bad_budget_with_a_clear_error(tmp_path, capsys):
