@@ -87,8 +87,9 @@ def provenance(argv: list[str] | None = None) -> dict:
     return {
         "command": " ".join(["python", shlex.quote(script), *map(shlex.quote, argv[1:])]),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "git_commit": _git("rev-parse", "--short", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
+        # a copy of the tree without .git (the GPU machine) gets the commit from the environment (gpu.sh)
+        "git_commit": _git("rev-parse", "--short", "HEAD") or os.environ.get("BENCH_GIT_COMMIT"),
+        "git_dirty": bool(status) if status else None,
         "machine": machine_info(),
     }
 
@@ -398,6 +399,14 @@ def tp_predicted_shapes(dense_model, ratio: float) -> dict:
             "layers": [{"heads": geo.num_heads, "qk": width, "v": width, "mlp": mlp}] * geo.num_layers}
 
 
+def example_image(model) -> torch.Tensor:
+    """One random image on the model's device and in its dtype (what Torch-Pruning traces the model with)."""
+    weight = model_parts(model).patch_projection.weight
+    config = model.config
+    return torch.randn(1, config.num_channels, config.image_size, config.image_size, device=weight.device,
+                       dtype=weight.dtype)
+
+
 def tp_prune(model, ratio: float, importance: str = "magnitude", example_inputs: torch.Tensor | None = None,
              gradient_batches=None):
     """Prune a HF `ViTForImageClassification` IN PLACE with Torch-Pruning's MetaPruner, the way its HF ViT example
@@ -409,9 +418,8 @@ def tp_prune(model, ratio: float, importance: str = "magnitude", example_inputs:
     import torch_pruning as tp
 
     parts = model_parts(model)
-    if example_inputs is None:
-        config = model.config
-        example_inputs = torch.randn(1, config.num_channels, config.image_size, config.image_size)
+    device = parts.patch_projection.weight.device
+    example_inputs = example_image(model) if example_inputs is None else example_inputs.to(device)
     num_heads = {}
     for block in parts.blocks:
         for linear in (block.q_proj, block.k_proj, block.v_proj):
@@ -433,9 +441,9 @@ def tp_prune(model, ratio: float, importance: str = "magnitude", example_inputs:
             model.zero_grad()
             was_training = model.training
             model.eval()
-            for pixel_values, labels in gradient_batches:
-                logits = model(pixel_values=pixel_values).logits
-                torch.nn.functional.cross_entropy(logits, labels).backward()
+            for pixel_values, labels in gradient_batches:  # batches come from a CPU DataLoader
+                logits = model(pixel_values=pixel_values.to(device)).logits
+                torch.nn.functional.cross_entropy(logits, labels.to(device)).backward()
             model.train(was_training)
         pruner.step()
         model.zero_grad(set_to_none=True)

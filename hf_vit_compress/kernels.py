@@ -236,19 +236,25 @@ def torch_sdpa_verdicts(num_heads: int, qk_head_dim: int, v_head_dim: int, token
 
 def cross_check_sdpa(config, dtype: torch.dtype | str = torch.bfloat16, device: str | torch.device = "cuda") -> dict:
     """Compare `kernel_report`'s prediction with torch's own checks for every distinct attention shape of a
-    `CompressedViTConfig` on `device`. Returns `{"device", "torch", "shapes": [{num_heads, qk_head_dim, v_head_dim,
-    "predicted": backends allowed, "torch": torch_sdpa_verdicts(...)}], "mismatches": ["<shape> <backend>:
-    predicted X, torch Y (reason)"]}`; on a non-CUDA device torch rejects every fused backend, so only a CUDA run
-    says anything about the prediction."""
-    dtype = _dtype(dtype)
-    name = str(dtype).removeprefix("torch.")
+    `CompressedViTConfig` on `device` (see `cross_check_shapes`)."""
+    shapes = [(layer["num_heads"], layer["qk_head_dim"], layer["v_head_dim"]) for layer in config.layers]
     tokens = _num_patches(config.image_size, config.patch_size) + config.num_prefix_tokens
+    return cross_check_shapes(shapes, tokens, dtype, device)
+
+
+def cross_check_shapes(shapes: Iterable[tuple[int, int, int]], tokens: int, dtype: torch.dtype | str = torch.bfloat16,
+                       device: str | torch.device = "cuda") -> dict:
+    """Compare `sdpa_backend_reasons` with torch's own checks for every distinct (num_heads, qk_head_dim,
+    v_head_dim) with heads. Returns `{"device", "torch", "dtype", "tokens", "shapes": [{num_heads, qk_head_dim,
+    v_head_dim, "predicted": backends allowed, "torch": torch_sdpa_verdicts(...)}], "mismatches": ["<shape>
+    <backend>: predicted X, torch Y (reason)"]}`. On a non-CUDA device torch rejects every fused backend, so only a
+    CUDA run says anything about the prediction."""
+    dtype = _dtype(dtype)
     device = torch.device(device)
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-              "torch": torch.__version__, "dtype": name, "tokens": tokens, "shapes": [], "mismatches": []}
-    shapes = sorted({(layer["num_heads"], layer["qk_head_dim"], layer["v_head_dim"])
-                     for layer in config.layers if layer["num_heads"]})
-    for heads, qk, v in shapes:
+              "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "tokens": tokens, "shapes": [],
+              "mismatches": []}
+    for heads, qk, v in sorted({shape for shape in shapes if shape[0]}):
         predicted = sdpa_backend_reasons(qk, v, dtype)
         verdicts = torch_sdpa_verdicts(heads, qk, v, tokens, dtype, device)
         result["shapes"].append({"num_heads": heads, "qk_head_dim": qk, "v_head_dim": v,
