@@ -15,10 +15,11 @@ What is measured (bfloat16 by default, `torch.inference_mode()`, random weights)
   synchronised before and after; speedup = median over rounds of the paired t_dense / t_variant (the dense model in
   the same mode), ideal = dense MACs / variant MACs.
 * `torch.compile` (default mode): every model is compiled once with a dynamic batch dimension (first call at the
-  largest batch, `torch._dynamo.mark_dynamic`), then timed at every batch >= 2; batch 1 (a separate specialisation,
-  one more compile per model) comes last. Compile groups (a shape's dense model plus the variants of one budget)
-  run in the order of `--compile-budgets` while `--time-budget` allows: the first one whenever time is left, each
-  later one if its cost, estimated from the compiles so far, fits; a group that would overrun is listed as not run.
+  largest batch, `torch._dynamo.maybe_mark_dynamic`), then timed at every batch >= 2; batch 1 (a separate
+  specialisation, one more compile per model) comes last. Compile groups (a shape's dense model plus the variants
+  of one budget) run in the order of `--compile-budgets` while `--time-budget` allows: the first one whenever time
+  is left, each later one if its cost, estimated from the compiles so far, fits; one that would overrun is listed
+  as not run.
 * sdpa backend: "predicted" from the shapes (`hf_vit_compress.kernels`, every backend each layer allows); on CUDA
   "torch" is `torch.backends.cuda.can_use_*` for the same shapes; "ran" is what one profiled forward dispatched
   (aten sdpa op names, per layer call; "decomposed" when torch.compile turned the math path into plain kernels).
@@ -331,8 +332,8 @@ class Run:
     def compile_models(self, shape: str, variants: list[dict], compiled: dict, batch: int) -> None:
         """Compile (first call at `batch`, batch dim dynamic for batch >= 2) every variant not compiled yet."""
         pixel_values = pixels(shape, batch, self.args.device, self.dtype, self.args.seed)
-        if batch > 1:
-            torch._dynamo.mark_dynamic(pixel_values, 0)
+        if batch > 1:  # "maybe": a model whose code needs a static batch is specialised instead of failing
+            torch._dynamo.maybe_mark_dynamic(pixel_values, 0)
         for variant in variants:
             key = (variant["name"], batch > 1)
             if key in compiled:

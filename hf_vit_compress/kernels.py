@@ -4,9 +4,10 @@
 dtype of q, k, v; a pruned head dim can rule out every fused one and leave the unfused math path, which
 materialises the (tokens x tokens) attention matrix per head and was measured to make compressed models slower than
 the dense one (UVC exports with value head dims like 21 on an H200). The rules below restate PyTorch's own checks
-(`aten/src/ATen/native/transformers/cuda/sdp_utils.cpp` and `attention.cpp`, read at pytorch/pytorch 001f694, the
-same in torch 2.5 to 2.13) for GPUs of compute capability 8.0 to 12.1 (A100, H100, H200, ...), dense inputs laid out
-as this package's attention lays them out, no attention mask, no dropout, inference:
+(`aten/src/ATen/native/transformers/cuda/sdp_utils.cpp` and `attention.cpp` as of pytorch/pytorch main at 001f694,
+newer than torch 2.13; other versions may differ, which `cross_check_sdpa` shows on a GPU) for GPUs of compute
+capability 8.0 to 12.1 (A100, H100, H200, ...), dense inputs laid out as this package's attention lays them out, no
+attention mask, no dropout, inference:
 
 * ``flash``: float16/bfloat16 only; the q, k and v head dims must all be EQUAL and at most 256. A head dim that is
   not a multiple of 8 is accepted but padded to one by sdpa (extra copies, padded MACs).
