@@ -181,3 +181,45 @@ def test_default_exports_are_kernel_friendly_and_within_budget(deit, method):
         if method == "uvc" and any(layer["qk_head_dim"] != layer["v_head_dim"] for layer in config.layers):
             expected.remove("flash")  # UVC prunes value dims only: flash needs equal head dims
         assert report["sdpa_backends"] == expected, where
+
+
+# -- UVC's floors (hf_vit_compress.methods.uvc_projection) --------------------------------------------------------
+def test_uvc_floors_apply_to_dimensions_of_at_least_eight_multiples():
+    from hf_vit_compress.flops import geometry
+    from hf_vit_compress.methods.uvc_projection import unit_floors
+
+    wide = make_vit_classifier(hidden_size=128, num_attention_heads=2, intermediate_size=512)  # head dim 64
+    assert unit_floors(geometry(wide), 8) == {"mlp": 8, "vdim": 8}
+    assert unit_floors(geometry(wide), 1) == {"mlp": 1, "vdim": 1}
+    assert unit_floors(geometry(make_vit_classifier()), 8) == {"mlp": 8, "vdim": 1}  # head dim 8, MLP 64
+
+
+def test_uvc_projection_raises_value_dims_to_the_floor_and_never_cuts_below_it():
+    from hf_vit_compress.flops import geometry, stem_and_head_macs
+    from hf_vit_compress.methods.uvc_projection import ProjectionLayer, project_and_round
+
+    geo = geometry(make_vit_classifier(hidden_size=128, num_attention_heads=2, intermediate_size=512))
+
+    def layer():  # the search left 3 value dims per head (of 64) and 40 MLP units (of 512)
+        heads = {h: sorted(((10.0 - c, c) for c in range(3)), reverse=True) for h in (0, 1)}
+        dims_out = {h: [(5.0 - c / 100, c) for c in range(3, 64)] for h in (0, 1)}
+        mlp = sorted(((1.0, j) for j in range(40)), reverse=True)
+        mlp_out = [(0.5, j) for j in range(40, 512)]
+        return ProjectionLayer(True, heads, mlp, dims_out, mlp_out)
+
+    exact = stem_and_head_macs(geo, geo.hidden_size) + 2 * layer().macs(geo, v_dim=8, mlp=40)
+    layers = [layer(), layer()]
+    project_and_round(layers, geo, exact, 8)
+    for kept in layers:
+        assert kept.v_dim == 8 and len(kept.mlp) == 40  # raised to 8 with the best dims not kept; 40 is a multiple
+        assert {c for _, c in kept.heads[0]} == set(range(8))  # dims 3..7 score highest among those not kept
+    layers = [layer(), layer()]  # with room for more, the rounding adds back whole blocks of 8 value dims
+    project_and_round(layers, geo, exact + 2 * (layer().macs(geo, v_dim=16, mlp=40) - layer().macs(geo, v_dim=8,
+                                                                                                  mlp=40)), 8)
+    assert [kept.v_dim for kept in layers] == [16, 16]
+    # a budget that the floors cannot meet with both blocks' value dims: a head or a block goes, never a dim below 8
+    tight = stem_and_head_macs(geo, geo.hidden_size) + layer().macs(geo, v_dim=8, mlp=40) + 1
+    layers = [layer(), layer()]
+    project_and_round(layers, geo, tight, 8)
+    assert all(kept.v_dim >= 8 and kept.v_dim % 8 == 0 for kept in layers if kept.keep)
+    assert stem_and_head_macs(geo, geo.hidden_size) + sum(kept.macs(geo) for kept in layers) <= tight
