@@ -15,7 +15,7 @@
 # --device cpu --quick runs the same code paths on tiny shapes on a CPU (give it --seconds 900 there).
 set -uo pipefail
 
-usage() { sed -n '2,16p' "$0" >&2; exit 2; }
+usage() { sed -n '2,14p' "$0" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
 DEVICE=cuda; QUICK=(); TOTAL=300
