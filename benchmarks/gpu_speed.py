@@ -356,8 +356,9 @@ class Run:
         # the first group runs whenever time is left (nothing measured yet); later ones on the measured compile time
         guess = statistics.mean(self.compile_seconds) if self.compile_seconds else 0.0
         if not self.fits(pending * guess * 1.2 + 5.0 * len(batches) * bool(self.compile_seconds)):
-            self.skip(f"{shape} compile {label} batch {','.join(map(str, batches))}: {pending} compiles of ~{guess:.0f}"
-                      f" s would pass --time-budget {self.args.time_budget} s (elapsed {self.elapsed():.0f} s)")
+            cost = f"{pending} compiles of ~{guess:.0f} s would pass" if guess else "no time left in"
+            self.skip(f"{shape} compile {label} batch {','.join(map(str, batches))}: {cost} --time-budget "
+                      f"{self.args.time_budget} s (elapsed {self.elapsed():.0f} s)")
             return
         try:
             self.compile_models(shape, group, compiled, max(batches))
