@@ -87,8 +87,9 @@ def provenance(argv: list[str] | None = None) -> dict:
     return {
         "command": " ".join(["python", shlex.quote(script), *map(shlex.quote, argv[1:])]),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "git_commit": _git("rev-parse", "--short", "HEAD"),
-        "git_dirty": bool(status) if status is not None else None,
+        # a copy of the tree without .git (the GPU machine) gets the commit from the environment (gpu.sh)
+        "git_commit": _git("rev-parse", "--short", "HEAD") or os.environ.get("BENCH_GIT_COMMIT"),
+        "git_dirty": bool(status) if status else None,
         "machine": machine_info(),
     }
 
@@ -234,12 +235,36 @@ def ofb_architecture(model, target_flops: float, seed: int = 0, channel_multiple
     return _without_scales(method.decide())
 
 
-def uvc_architecture(model, target_flops: float, seed: int = 0, channel_multiple: int | None = None) -> Architecture:
-    """UVC's final projection applied to the untrained model (counts at 0, all blocks running): it removes the unit
-    groups with the least weight norm per MAC saved until the budget holds. On random weights this is close to
-    arbitrary, so the shapes say more about UVC's export format than about a trained search. `channel_multiple`
-    overrides `UVCConfig.channel_multiple` (library default 1, the spec's unit granularity)."""
-    return _without_scales(_seeded_method(model, "uvc", target_flops, seed, channel_multiple).decide())
+def uvc_architecture(model, target_flops: float, seed: int = 0, channel_multiple: int | None = None,
+                     search_state: str = "random") -> Architecture:
+    """The architecture UVC's final projection picks from a deterministic search state, the UVC counterpart of
+    `ofb_architecture`.
+
+    `search_state="random"` (default): a generator seeded with `seed` draws, per block, the removal counts of heads,
+    value dims and MLP units uniformly in [0, (1 - target_flops) * their range] and adds N(0, 1) noise to the skip-gate
+    logits theta (initial (-1, 1): a block is skipped when the noise flips it, about 8% of blocks); `decide()` then
+    takes the hard architecture of those counts (units ranked by weight magnitude) and projects it onto the budget
+    (remove the least damage per MAC saved, then round widths to `channel_multiple`). `"initial"`: the counts at 0
+    and every block running, so the projection alone picks the units from the random weights' norms (what earlier
+    results files used). `channel_multiple` overrides `UVCConfig.channel_multiple` (library default 8)."""
+    method = _seeded_method(model, "uvc", target_flops, seed, channel_multiple)
+    if search_state == "random":
+        randomize_uvc_state(method, target_flops, seed)
+    elif search_state != "initial":
+        raise ValueError(f"search_state must be 'random' or 'initial', got {search_state!r}")
+    return _without_scales(method.decide())
+
+
+def randomize_uvc_state(method, target_flops: float, seed: int) -> None:
+    """Draw UVC's search variables (removal counts, skip-gate logits) from a generator seeded with `seed` (see
+    `uvc_architecture`)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for kind in ("head", "vdim", "mlp"):
+            counts, upper = getattr(method, f"{kind}_counts"), getattr(method, f"{kind}_count_max")
+            fractions = torch.rand(counts.shape, generator=generator) * (1.0 - target_flops)
+            counts.copy_((fractions.to(upper.device) * upper).to(counts.dtype))
+        method.theta.add_(torch.randn(method.theta.shape, generator=generator).to(method.theta.device))
 
 
 def _seeded_method(model, name: str, target_flops: float, seed: int, channel_multiple: int | None):
@@ -374,6 +399,14 @@ def tp_predicted_shapes(dense_model, ratio: float) -> dict:
             "layers": [{"heads": geo.num_heads, "qk": width, "v": width, "mlp": mlp}] * geo.num_layers}
 
 
+def example_image(model) -> torch.Tensor:
+    """One random image on the model's device and in its dtype (what Torch-Pruning traces the model with)."""
+    weight = model_parts(model).patch_projection.weight
+    config = model.config
+    return torch.randn(1, config.num_channels, config.image_size, config.image_size, device=weight.device,
+                       dtype=weight.dtype)
+
+
 def tp_prune(model, ratio: float, importance: str = "magnitude", example_inputs: torch.Tensor | None = None,
              gradient_batches=None):
     """Prune a HF `ViTForImageClassification` IN PLACE with Torch-Pruning's MetaPruner, the way its HF ViT example
@@ -385,9 +418,8 @@ def tp_prune(model, ratio: float, importance: str = "magnitude", example_inputs:
     import torch_pruning as tp
 
     parts = model_parts(model)
-    if example_inputs is None:
-        config = model.config
-        example_inputs = torch.randn(1, config.num_channels, config.image_size, config.image_size)
+    device = parts.patch_projection.weight.device
+    example_inputs = example_image(model) if example_inputs is None else example_inputs.to(device)
     num_heads = {}
     for block in parts.blocks:
         for linear in (block.q_proj, block.k_proj, block.v_proj):
@@ -409,9 +441,9 @@ def tp_prune(model, ratio: float, importance: str = "magnitude", example_inputs:
             model.zero_grad()
             was_training = model.training
             model.eval()
-            for pixel_values, labels in gradient_batches:
-                logits = model(pixel_values=pixel_values).logits
-                torch.nn.functional.cross_entropy(logits, labels).backward()
+            for pixel_values, labels in gradient_batches:  # batches come from a CPU DataLoader
+                logits = model(pixel_values=pixel_values.to(device)).logits
+                torch.nn.functional.cross_entropy(logits, labels.to(device)).backward()
             model.train(was_training)
         pruner.step()
         model.zero_grad(set_to_none=True)

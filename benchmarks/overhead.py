@@ -54,6 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=None, help="override every model's batch size")
     parser.add_argument("--target-flops", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (TrainingArguments(bf16=True))")
     parser.add_argument("--demo-report", default=None, help="read the demo timings from this report.json")
     parser.add_argument("--no-demo", action="store_true")
     parser.add_argument("--name", default=None)
@@ -144,6 +145,7 @@ def worker(args) -> None:
             output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=batch, learning_rate=1e-4,
             lr_scheduler_type="constant", save_strategy="no", report_to=[], logging_steps=10**6, seed=0,
             use_cpu=not cuda, disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False,
+            bf16=args.bf16,
         )
         if kind == "plain":
             trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate_images)
@@ -155,7 +157,8 @@ def worker(args) -> None:
         trainer.add_callback(End())
         trainer.train()
     steps = [r for r in records if "seconds" in r][args.warmup:]
-    result = {"kind": kind, "model": args.worker_model, "batch": batch,
+    result = {"kind": kind, "model": args.worker_model, "batch": batch, "bf16": args.bf16,
+              "device": torch.cuda.get_device_name(0) if cuda else "cpu",
               "seconds": [r["seconds"] for r in steps],
               "peak_mb": [r["peak"] / 2**20 for r in steps],
               "baseline_mb": baseline / 2**20,
@@ -170,6 +173,8 @@ def run_worker(args, kind: str, model: str) -> dict:
                "--warmup", str(args.warmup), "--threads", str(args.threads), "--target-flops", str(args.target_flops)]
     if args.batch_size:
         command += ["--batch-size", str(args.batch_size)]
+    if args.bf16:
+        command.append("--bf16")
     done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     for line in done.stdout.splitlines():
         if line.startswith("OVERHEAD_RESULT "):
@@ -252,6 +257,9 @@ def write_report(results: dict, output_dir: Path, name: str) -> None:
     lines = [C.markdown_header("Search overhead: search step vs plain fine-tuning step", prov,
                                [f"settings: {results['settings']}",
                                 f"wall time: {results.get('wall_seconds', 0) / 60:.1f} min",
+                                f"precision: {'bf16 mixed precision' if results['settings'].get('bf16') else 'float32'}"
+                                f" on {results['records'][0].get('device', 'cpu') if results['records'] else 'n/a'}"
+                                f"; memory columns: {results['records'][0]['memory'] if results['records'] else 'n/a'}",
                                 "step = on_step_begin .. on_step_end of one optimizer step (forward, losses, "
                                 "backward, optimizer, method updates); warm-up steps excluded; fresh process per "
                                 "(model, kind), kinds alternated over rounds; peak RSS per step via "

@@ -97,7 +97,7 @@ def parse_args(argv=None):
     parser.add_argument("--uvc-counts-space", choices=("fraction", "units"), default=None,
                         help="UVC count step space (default: the library's)")
     parser.add_argument("--uvc-channel-multiple", type=int, default=None,
-                        help="UVC: cut final widths down to multiples of this (default: the library's, 1)")
+                        help="UVC: round final widths to multiples of this (default: the library's, 8)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0 = torch's default)")
     parser.add_argument("--cache-dir", default=str(C.REPO / "benchmarks" / ".cache"))
     parser.add_argument("--name", default=None, help="results stem (default quality_<mode>)")

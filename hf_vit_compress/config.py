@@ -107,7 +107,8 @@ class OFBConfig:
 
 @dataclass
 class UVCConfig:
-    """UVC settings (spec/uvc.md). Defaults are the paper's / official code's, except `counts_space`.
+    """UVC settings (spec/uvc.md). Defaults are the paper's / official code's, except `counts_space` and
+    `channel_multiple`.
 
     Args:
         gumbel_tau: temperature of the Gumbel-softmax block gates.
@@ -121,11 +122,14 @@ class UVCConfig:
             the MACs of one MLP unit (112 on DeiT-S), so MLP counts then move ~3e-5 times as fast relative to their
             range as head counts (DeiT-S) and the budget is met by heads alone.
         counts_lr: SGD learning rate of the continuous removal counts s, r (see `counts_space` for its unit).
-        channel_multiple: after the final projection, round MLP widths and value head dims to a multiple of this
-            within the budget (cut down, then add back the best blocks of units that fit; widths under it stay).
-            1 (default) keeps the spec's unit granularity: on CPU 8 gave no consistent speed gain and cost 0.25
-            points on CIFAR-10 (benchmarks/results/speed_uvc_rounding.md, quality_cpu_uvc_rounded8.md); 8 suits
-            GPU tensor-core kernels.
+        channel_multiple: kernel-friendly widths (default 8): for a dimension of at least 8 * channel_multiple
+            units (DeiT's MLP and 64-channel heads), the final projection never cuts the MLP width or the value
+            head dim below this and then rounds both to multiples of it within the budget (cut down, then add
+            back the best blocks of units that fit). Multiples of 8 are what the fused sdpa kernels
+            (memory-efficient, cuDNN) and bf16 tensor-core GEMMs need (`hf_vit_compress.kernels`); UVC's value head
+            dim differs from its q/k head dim, which flash attention does not take. 1 keeps the spec's unit
+            granularity (on CPU it was as fast, benchmarks/results/speed_uvc_rounding.md; on a GPU such widths
+            forced sdpa's math fallback).
         theta_lr, theta_momentum: SGD settings of the skip-gate logits.
         theta_budget_weight: weight of z * dR/dtheta in theta's gradient.
         dual_lr: ascent step of the group duals y and p.
@@ -140,7 +144,7 @@ class UVCConfig:
     theta_init: tuple[float, float] = (-1.0, 1.0)
     counts_space: str = "fraction"
     counts_lr: float = 0.02
-    channel_multiple: int = 1
+    channel_multiple: int = 8
     theta_lr: float = 0.1
     theta_momentum: float = 0.9
     theta_budget_weight: float = 5e-4

@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .architecture import Architecture, LayerArchitecture
+from .kernels import cross_check_sdpa, kernel_report, kernel_summary, math_fallback_warning
 from .modeling import CompressedViTConfig, CompressedViTForImageClassification
 from .targets import BlockParts, ModelParts, model_parts
 
@@ -85,14 +87,19 @@ def export_compressed_model(model: nn.Module, architecture: Architecture) -> Com
         architecture: kept heads / channels / neurons / hidden channels / blocks, optional scales to fold in.
 
     Returns:
-        A `CompressedViTForImageClassification` in eval mode, on the dense model's device, in float32.
+        A `CompressedViTForImageClassification` in eval mode, on the dense model's device, in float32. Its
+        `config.kernel_support` records which sdpa backends its shapes allow (`hf_vit_compress.kernels`) and its
+        `kernel_report` attribute the per-layer details (with torch's own verdicts when exported on a CUDA device);
+        a `UserWarning` names any layer that only sdpa's unfused math fallback can run.
     """
     parts = model_parts(model)
     architecture.validate(model.config, num_blocks=len(parts.blocks))
     config = compressed_config(model.config, architecture, parts)
     config._attn_implementation = getattr(model.config, "_attn_implementation", None) or "sdpa"
     device = parts.patch_projection.weight.device
+    report = _kernel_report(config, device)
     compressed = CompressedViTForImageClassification(config).to(device).eval()
+    compressed.kernel_report = report
 
     hidden = _index(architecture.hidden_channels, device)
     hidden_scale = _scale_vector(architecture.hidden_scale, hidden)
@@ -105,6 +112,21 @@ def export_compressed_model(model: nn.Module, architecture: Architecture) -> Com
     for name, head in parts.heads.items():
         _copy_linear(getattr(compressed, name), head, cols=hidden)
     return compressed
+
+
+def _kernel_report(config: CompressedViTConfig, device: torch.device) -> dict:
+    """Fill `config.kernel_support`, warn about math-fallback shapes, and cross-check with torch on CUDA."""
+    report = kernel_report(config)
+    config.kernel_support = kernel_summary(report)
+    message = math_fallback_warning(report)
+    if message:
+        warnings.warn(f"export_compressed_model: {message}", UserWarning, stacklevel=4)
+    if device.type == "cuda":
+        report["cuda_cross_check"] = cross_check_sdpa(config, torch.bfloat16, device)
+        if report["cuda_cross_check"]["mismatches"]:
+            warnings.warn("export_compressed_model: hf_vit_compress.kernels disagrees with torch's sdpa checks on "
+                          f"this GPU: {report['cuda_cross_check']['mismatches']}", UserWarning, stacklevel=4)
+    return report
 
 
 def _export_embeddings(target, parts: ModelParts, hidden: torch.Tensor, hidden_scale: torch.Tensor | None) -> None:

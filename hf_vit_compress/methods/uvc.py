@@ -57,7 +57,8 @@ Design choices and deviations from the official code (VITA-Group/UVC), each for 
     theta (block l runs iff theta_l[1] > theta_l[0]; if no block would run, the one with the largest run margin
     is kept), then greedily removes the remaining unit group with the least damage per MAC saved (damage =
     removed squared column norms: an MLP unit, one value dim in every kept head, a head, or a whole block while
-    more than one is kept) until `architecture_macs <= target_macs` holds exactly.
+    more than one is kept) until `architecture_macs <= target_macs` holds exactly; MLP widths and value head dims
+    stay at or above `channel_multiple` and are then rounded to multiples of it (`uvc_projection.project_and_round`).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ from ..config import CompressionConfig
 from ..flops import macs_from_widths
 from ..gating import Masks
 from .base import CompressionMethod
-from .uvc_projection import ProjectionLayer, project_to_budget, round_to_multiple
+from .uvc_projection import ProjectionLayer, project_and_round
 
 
 # -- least-k sum ----------------------------------------------------------------------------------------------
@@ -434,8 +435,7 @@ class UVCMethod(CompressionMethod):
             if geo.num_layers and not any(keep_blocks):
                 keep_blocks[int(torch.argmax(self.theta[:, 1] - self.theta[:, 0]))] = True
             layers = [ProjectionLayer.from_groups(self._groups(i), keep) for i, keep in enumerate(keep_blocks)]
-        removed = project_to_budget(layers, geo, self.target_macs)
-        rounded = round_to_multiple(layers, geo, self.target_macs, self.config.uvc.channel_multiple)
+        removed, rounded = project_and_round(layers, geo, self.target_macs, self.config.uvc.channel_multiple)
         architecture = Architecture(
             layers=[layer.to_layer_architecture(geo.head_dim) for layer in layers],
             hidden_channels=list(range(geo.hidden_size)),

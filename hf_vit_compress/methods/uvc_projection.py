@@ -2,9 +2,10 @@
 
 The official code ends wherever the primal-dual iterates stop (its DeiT-T run for a 50% budget ended at 42.7%
 FLOPs); here the last step greedily removes the unit group with the least damage per MAC saved until
-`architecture_macs <= target` holds exactly; with `UVCConfig.channel_multiple` > 1 it then rounds MLP widths and
-value head dims to multiples of it within the budget (hardware-friendly shapes; benchmarks/results/
-speed_uvc_rounding.md).
+`architecture_macs <= target` holds exactly; with `UVCConfig.channel_multiple` > 1 (default 8) MLP widths and value
+head dims of large enough dimensions are never cut below the multiple and are then rounded to multiples of it
+within the budget (kernel-friendly shapes: fused sdpa kernels and bf16 tensor-core GEMMs want multiples of 8; see
+`hf_vit_compress.kernels`).
 """
 
 from __future__ import annotations
@@ -78,19 +79,21 @@ class ProjectionLayer:
     def _weakest_head(self) -> int:
         return min(self.heads, key=lambda head: (self.head_sums[head], head))
 
-    def best_candidate(self, geo, may_remove_block: bool):
+    def best_candidate(self, geo, may_remove_block: bool, floors: dict[str, int] | None = None):
         """(damage / MACs saved, kind order, kind) of the cheapest single removal this block allows, or None.
 
         Damage = squared column norms removed: an MLP unit, one value dim in every kept head (the lowest of
-        each), the weakest head, or (if allowed) the whole block.
+        each), the weakest head, or (if allowed) the whole block. MLP widths and value head dims stay at or above
+        `floors` ("mlp", "vdim"; default 1).
         """
         if not self.keep:
             return None
+        floors = floors or {}
         current = self.macs(geo)
         options = []
-        if len(self.mlp) > 1:
+        if len(self.mlp) > floors.get("mlp", 1):
             options.append((self.mlp[-1][0], current - self.macs(geo, mlp=len(self.mlp) - 1), "mlp"))
-        if self.v_dim > 1:
+        if self.v_dim > floors.get("vdim", 1):
             damage = sum(dims[-1][0] for dims in self.heads.values())
             options.append((damage, current - self.macs(geo, v_dim=self.v_dim - 1), "vdim"))
         if self.num_heads > 1:
@@ -130,30 +133,49 @@ class ProjectionLayer:
                     self.head_sums[head] += unit[0]
                     bisect.insort(dims, unit, key=_descending)
 
-    def growth_options(self, geo, multiple: int) -> list[tuple[float, int, str]]:
+    def raise_to(self, floors: dict[str, int]) -> int:
+        """Add back the best units not kept until the MLP width and the value head dim reach `floors` (as far as
+        there are units to add back). Returns the number of units added."""
+        if not self.keep:
+            return 0
+        added = 0
+        missing = min(floors.get("mlp", 1) - len(self.mlp), len(self.mlp_out))
+        if missing > 0:
+            self.add_back("mlp", missing)
+            added += missing
+        if self.heads:
+            missing = min([floors.get("vdim", 1) - self.v_dim] + [len(out) for out in self.dims_out.values()])
+            if missing > 0:
+                self.add_back("vdim", missing)
+                added += missing * self.num_heads
+        return added
+
+    def growth_options(self, geo, multiple: int, kinds=("mlp", "vdim")) -> list[tuple[float, int, str]]:
         """(score added, MACs added, kind) of adding `multiple` more MLP units or value dims per head, for widths
-        that are already multiples of it and have that many units left to add."""
+        of `kinds` that are already multiples of it and have that many units left to add."""
         if not self.keep:
             return []
         current, options = self.macs(geo), []
-        if len(self.mlp) % multiple == 0 and len(self.mlp_out) >= multiple:
+        if "mlp" in kinds and len(self.mlp) % multiple == 0 and len(self.mlp_out) >= multiple:
             gain = sum(score for score, _ in self.mlp_out[-multiple:])
             options.append((gain, self.macs(geo, mlp=len(self.mlp) + multiple) - current, "mlp"))
-        if self.heads and self.v_dim % multiple == 0 and all(len(out) >= multiple for out in self.dims_out.values()):
+        if ("vdim" in kinds and self.heads and self.v_dim % multiple == 0
+                and all(len(out) >= multiple for out in self.dims_out.values())):
             gain = sum(score for out in self.dims_out.values() for score, _ in out[-multiple:])
             options.append((gain, self.macs(geo, v_dim=self.v_dim + multiple) - current, "vdim"))
         return options
 
-    def round_down(self, multiple: int) -> int:
-        """Remove the lowest-scoring MLP units and value dims until each width is a multiple of `multiple` (widths
-        under `multiple` stay). Only removes, so the MACs can only fall. Returns the number of units removed."""
+    def round_down(self, multiple: int, kinds=("mlp", "vdim")) -> int:
+        """Remove the lowest-scoring MLP units and value dims (of `kinds`) until each width is a multiple of
+        `multiple` (widths under `multiple` stay). Only removes, so the MACs can only fall. Returns the number of
+        units removed."""
         if not self.keep or multiple <= 1:
             return 0
         removed = 0
-        while len(self.mlp) >= multiple and len(self.mlp) % multiple:
+        while "mlp" in kinds and len(self.mlp) >= multiple and len(self.mlp) % multiple:
             self.remove("mlp")
             removed += 1
-        while self.v_dim >= multiple and self.v_dim % multiple:
+        while "vdim" in kinds and self.v_dim >= multiple and self.v_dim % multiple:
             self.remove("vdim")
             removed += self.num_heads
         return removed
@@ -173,16 +195,40 @@ class ProjectionLayer:
 _KIND_ORDER = {"mlp": 0, "vdim": 1, "head": 2, "block": 3}
 
 
-def project_to_budget(layers: list[ProjectionLayer], geo, target_macs: float) -> int:
+def unit_floors(geo, multiple: int) -> dict[str, int]:
+    """The narrowest MLP width ("mlp") and value head dim ("vdim") the projection may leave: `multiple` for a
+    dimension of at least 8 * multiple units (the rule of OFB's candidate widths), else 1. Exactly those kinds are
+    rounded to multiples of `multiple` afterwards."""
+    def floor(size: int) -> int:
+        return multiple if multiple > 1 and size >= 8 * multiple else 1
+
+    return {"mlp": floor(geo.intermediate_size), "vdim": floor(geo.head_dim)}
+
+
+def project_and_round(layers: list[ProjectionLayer], geo, target_macs: float, multiple: int) -> tuple[int, int]:
+    """The whole final projection: raise MLP widths and value head dims to their floors (`unit_floors`), remove
+    unit groups until the MACs fit the target (`project_to_budget`), then round the widths of the rounded kinds to
+    multiples of `multiple` within the budget (`round_to_multiple`). Returns (removals, net units removed by the
+    floors and the rounding)."""
+    floors = unit_floors(geo, multiple)
+    raised = sum(layer.raise_to(floors) for layer in layers)
+    removed = project_to_budget(layers, geo, target_macs, floors)
+    kinds = tuple(kind for kind, floor in floors.items() if floor > 1)
+    return removed, round_to_multiple(layers, geo, target_macs, multiple, kinds) - raised
+
+
+def project_to_budget(layers: list[ProjectionLayer], geo, target_macs: float,
+                      floors: dict[str, int] | None = None) -> int:
     """Greedily remove the unit group with the least damage per MAC saved until the MACs fit the target.
 
-    Running blocks keep at least one unit of each kind; a whole block may go while more than one block runs; the
-    last block goes only when nothing else is left to remove. Returns the number of removals.
+    Running blocks keep at least one head and `floors` MLP units and value dims (default 1); a whole block may go
+    while more than one block runs; the last block goes only when nothing else is left to remove. Returns the
+    number of removals.
     """
     total = _total_macs(layers, geo)
     removals = 0
     kept = sum(layer.keep for layer in layers)
-    best = [layer.best_candidate(geo, kept > 1) for layer in layers]
+    best = [layer.best_candidate(geo, kept > 1, floors) for layer in layers]
     while total > target_macs:
         choices = [(key, index) for index, key in enumerate(best) if key is not None]
         if choices:
@@ -201,23 +247,26 @@ def project_to_budget(layers: list[ProjectionLayer], geo, target_macs: float) ->
         removals += 1
         if kind == "block":  # whether blocks may go changed for every layer
             kept -= 1
-            best = [layer.best_candidate(geo, kept > 1) for layer in layers]
+            best = [layer.best_candidate(geo, kept > 1, floors) for layer in layers]
         else:
-            best[index] = layers[index].best_candidate(geo, kept > 1)
+            best[index] = layers[index].best_candidate(geo, kept > 1, floors)
     return removals
 
 
-def round_to_multiple(layers: list[ProjectionLayer], geo, target_macs: float, multiple: int) -> int:
-    """Make every MLP width and value head dim a multiple of `multiple` within the budget: cut each down (lowest
-    scores first), then greedily add back `multiple` units at a time, best score per MAC first, while the MACs stay
-    at or under `target_macs`. Widths under `multiple` stay as they are. Returns the net number of units removed."""
-    if multiple <= 1:
+def round_to_multiple(layers: list[ProjectionLayer], geo, target_macs: float, multiple: int,
+                      kinds=("mlp", "vdim")) -> int:
+    """Make every MLP width and value head dim (of `kinds`) a multiple of `multiple` within the budget: cut each down
+    (lowest scores first), then greedily add back `multiple` units at a time, best score per MAC first, while the
+    MACs stay at or under `target_macs`. Widths under `multiple` stay as they are. Returns the net number of units
+    removed."""
+    if multiple <= 1 or not kinds:
         return 0
-    removed = sum(layer.round_down(multiple) for layer in layers)
+    removed = sum(layer.round_down(multiple, kinds) for layer in layers)
     total = _total_macs(layers, geo)
     while True:
         options = [(gain / cost, index, kind, cost) for index, layer in enumerate(layers)
-                   for gain, cost, kind in layer.growth_options(geo, multiple) if 0 < cost <= target_macs - total]
+                   for gain, cost, kind in layer.growth_options(geo, multiple, kinds)
+                   if 0 < cost <= target_macs - total]
         if not options:
             return removed
         _, index, kind, cost = max(options)

@@ -33,6 +33,11 @@ class CompressedViTConfig(PreTrainedConfig):
             distillation token, logits = their mean), as in `DeiTForImageClassificationWithTeacher`.
         source_model_type (`str`, defaults to `"vit"`):
             model_type of the dense model this was compressed from (informational).
+        kernel_support (`dict`, *optional*):
+            Informational, written by the exporter: per dtype (`"bfloat16"`, `"float32"`), the
+            `scaled_dot_product_attention` backends of CUDA GPUs that every block's head dims allow
+            (`sdpa_backends`), the blocks only the unfused math path takes (`math_only_layers`) and the GEMM widths
+            that are not multiples of the tensor-core alignment (`unaligned_widths`); see `hf_vit_compress.kernels`.
     """
 
     model_type = "compressed_vit"
@@ -51,6 +56,7 @@ class CompressedViTConfig(PreTrainedConfig):
     use_distillation_token: bool = False
     distillation_head: bool = False
     source_model_type: str = "vit"
+    kernel_support: dict | None = None
 
     def __post_init__(self, **kwargs):
         kwargs.pop("num_hidden_layers", None)  # derived from `layers`; accepted for round trips
