@@ -23,6 +23,7 @@ from .config import CompressionConfig
 from .distill import distillation_loss, frozen_teacher_copy
 from .export import export_compressed_model, save_atomically
 from .gating import install_gates
+from .health import HealthCallback, TrainingHealth, check_trainer, model_tensors
 from .methods import CompressionMethod, build_method
 from .targets import model_parts
 
@@ -100,12 +101,17 @@ class CompressionTrainer(Trainer):
                 f"CompressionTrainer: steps_per_epoch={steps_per_epoch!r} is invalid: allowed None or >= 1"
             )
         self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
+        # A non-finite loss stops the run (health.py), so there is nothing left for transformers' NaN filter to hide;
+        # with it on, a diverged run logged "loss 0.0" (it also synchronises with the device every step).
+        args.logging_nan_inf_filter = False
         super().__init__(model=model, args=args, **kwargs)
         self.teacher = teacher
+        self.health = TrainingHealth("task loss (distillation)" if teacher is not None else "task loss (cross-entropy)")
         # The loss is a per-batch mean; let the Trainer divide by gradient_accumulation_steps itself.
         self.model_accepts_loss_kwargs = False
         self.compression_history: list[dict] = []
         self._method_logs: dict[str, list[float]] = {}
+        self.add_callback(HealthCallback(self))  # first: reports a non-finite search state before it is finalised
         self.add_callback(CompressionCallback(self))
 
     # -- access ------------------------------------------------------------------------------------------------
@@ -152,6 +158,7 @@ class CompressionTrainer(Trainer):
         if model.training:
             loss, logs = self.method.loss(task_loss, outputs.logits, inputs)
             logs = {"task_loss": float(task_loss.detach()), **logs}
+            self.health.record_losses(self.state.global_step + 1, {"loss": loss, **logs})
             for key, value in logs.items():
                 self._method_logs.setdefault(key, []).append(value)
             if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -216,6 +223,7 @@ class CompressionTrainer(Trainer):
         goes to `<args.output_dir>/compressed_model` (replacing `args.output_dir` itself would delete the
         checkpoints in it)."""
         method = self.method
+        check_trainer(self, f"before saving to {output_dir or self.args.output_dir}", include_weights=True)
         if _internal_call or not method.search_finished:
             return super().save_model(output_dir, _internal_call)
         output_dir = Path(output_dir) if output_dir else Path(self.args.output_dir) / "compressed_model"
@@ -308,7 +316,12 @@ class CompressionCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         learning_rate = self.trainer.optimizer.param_groups[0]["lr"]
-        self.trainer.method.after_optimizer_step(learning_rate)
+        try:
+            self.trainer.method.after_optimizer_step(learning_rate)
+        except (ValueError, RuntimeError) as error:  # e.g. UVC's counts cannot be rounded once they are NaN
+            self.trainer.health.check(f"when the method's update after step {state.global_step + 1} failed ({error})",
+                                      model_tensors(self.trainer.accelerator.unwrap_model(self.trainer.model)))
+            raise
 
     def on_step_end(self, args, state, control, **kwargs):
         method = self.trainer.method
