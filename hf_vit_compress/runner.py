@@ -58,8 +58,8 @@ def run_recipe(setup: TrainSetup) -> dict:
     """
     from datasets import ClassLabel
     from transformers import AutoImageProcessor, AutoModelForImageClassification, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
+    from .checkpoints import last_complete_checkpoint
     from .data import collate_images, prepare_dataset, shuffle_stream, transforms_from_image_processor
     from .flops import count_macs, count_params
     from .trainer import CompressionTrainer
@@ -133,10 +133,10 @@ def run_recipe(setup: TrainSetup) -> dict:
     )
     resume = t.resume_from_checkpoint
     if resume is not None and str(resume).lower() in ("last", "true"):
-        resume = get_last_checkpoint(t.output_dir)
+        resume = last_complete_checkpoint(t.output_dir)  # skips (with a warning) checkpoints cut short by a kill
         if resume is None:
-            raise ValueError(f"training.resume_from_checkpoint={t.resume_from_checkpoint!r}: no checkpoint-* folder "
-                             f"in {t.output_dir}")
+            raise ValueError(f"training.resume_from_checkpoint={t.resume_from_checkpoint!r}: no complete "
+                             f"checkpoint-* folder in {t.output_dir}")
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(train_result.metrics)
     if evaluation is not None:

@@ -19,12 +19,14 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from .architecture import Architecture
+from .checkpoints import ResumeChecks, RunAlreadyComplete
 from .config import CompressionConfig
 from .distill import distillation_loss, frozen_teacher_copy
 from .export import export_compressed_model, save_atomically
 from .gating import install_gates
 from .health import HealthCallback, TrainingHealth, check_trainer, model_tensors
 from .methods import CompressionMethod, build_method
+from .prepared import augmentation_keys
 from .targets import model_parts
 
 #: name of the submodule that holds the method's gates inside the compressed model
@@ -33,7 +35,7 @@ GATES_ATTRIBUTE = "compression"
 logger = logging.get_logger(__name__)
 
 
-class CompressionTrainer(Trainer):
+class CompressionTrainer(ResumeChecks, Trainer):
     """`transformers.Trainer` that compresses a ViT/DeiT image classifier under a FLOPs budget.
 
     The first `compression_config.search_fraction` of the optimizer steps search the architecture (the method's
@@ -310,6 +312,15 @@ class CompressionCallback(TrainerCallback):
         method.set_progress(state.global_step)
         if state.global_step >= search_steps:
             method.finalize()
+        if state.global_step >= state.max_steps > 0:  # resumed from the run's last checkpoint: no step is left
+            raise RunAlreadyComplete()
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # Data from `prepare_dataset`: key each example's augmentation by (seed, epoch, index), so a resumed run
+        # draws exactly what the uninterrupted one drew (the Trainer skips the done batches without reading them).
+        keys = augmentation_keys(self.trainer.train_dataset)
+        if keys is not None:
+            keys.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer.method.set_progress(state.global_step)
