@@ -68,6 +68,7 @@ class AugmentationKeys:
         return (epoch, slot[1], position)
 
     def count_skipped(self) -> None:
+        """One more skipped image (streams: counted per read, as a stream has no row numbers)."""
         worker = torch.utils.data.get_worker_info()
         self._skipped[0 if worker is None else min(worker.id + 1, MAX_WORKERS)] += 1
 
@@ -175,6 +176,7 @@ class PreparedImageDataset(torch.utils.data.Dataset):
         self.image_column, self.label_column, self.num_labels = image_column, label_column, num_labels
         self.skip_undecodable_images = skip_undecodable_images
         self.augmentation = AugmentationKeys()
+        self._skipped_rows = _shared(torch.zeros(len(dataset), dtype=torch.bool))  # rows, not reads: epochs repeat
         # arrow rows: images arrive undecoded ({"bytes", "path"}) and are decoded in `_example`
         self._rows = dataset.select_columns([image_column, label_column]).with_format("arrow")
         _check_labels_up_front(dataset, label_column, num_labels)
@@ -193,7 +195,7 @@ class PreparedImageDataset(torch.utils.data.Dataset):
     @property
     def skipped_images(self) -> int:
         """Rows dropped so far because their image could not be decoded (all DataLoader workers)."""
-        return self.augmentation.skipped
+        return int(self._skipped_rows.sum())
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self._example(int(index), *self._read([int(index)])[0], skip=False)
@@ -220,7 +222,7 @@ class PreparedImageDataset(torch.utils.data.Dataset):
         except ValueError:
             if not skip:
                 raise
-            self.augmentation.count_skipped()
+            self._skipped_rows[index] = True
             return None
         epoch = self.augmentation.epoch
         key = None if epoch is None else (epoch, index)

@@ -78,6 +78,7 @@ class CompressionTrainer(ResumeChecks, Trainer):
             raise ValueError(f"model already has a `{GATES_ATTRIBUTE}` submodule: it is already being compressed")
         self.compression_config = compression_config
         method = build_method(model, compression_config)
+        self._config_at_build = compression_config.to_dict()  # the method's budget and schedules come from it
         if teacher is None and method.uses_teacher_by_default:
             teacher = frozen_teacher_copy(model)  # taken before gates exist: the dense model
         model.add_module(GATES_ATTRIBUTE, method)
@@ -292,6 +293,12 @@ class CompressionCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         method = self.trainer.method
+        config = self.trainer.compression_config
+        config.validate()
+        changed = sorted(key for key, value in config.to_dict().items() if self.trainer._config_at_build[key] != value)
+        if changed:
+            raise ValueError(f"CompressionConfig fields {changed} were changed after CompressionTrainer was built, "
+                             "which has already set up its method from them: build a new CompressionTrainer instead")
         # Scale-out: every rank must start from the same search state (DDP broadcast it when wrapping the model;
         # a resumed run loaded the same checkpoint everywhere): checked, and rank 0's enforced if not.
         self.trainer.synchronize_search_state("train begin")
