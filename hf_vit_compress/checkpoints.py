@@ -32,7 +32,9 @@ logger = logging.get_logger(__name__)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 TRAINER_STATE = "trainer_state.json"
 #: torch.save files a Trainer checkpoint may hold (zip archives: a truncated one has no central directory)
-TORCH_FILES = re.compile(r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth)$")
+TORCH_FILES = re.compile(
+    r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state(_\d+)?\.pth|(pytorch|adapter)_model\.bin)$"
+)
 ADVICE = "the file is truncated or corrupt (was the run killed while saving?); resume from an earlier checkpoint"
 
 
@@ -50,11 +52,18 @@ def _safetensors_keys(path: Path) -> list[str]:
         raise CheckpointError(f"checkpoint file {path} cannot be read ({error}): {ADVICE}") from error
 
 
-def checkpoint_weight_names(folder: Path) -> list[str]:
-    """Names of the tensors in a checkpoint's weights (`model.safetensors` or its shards), headers checked."""
+def checkpoint_weight_names(folder: Path) -> list[str] | None:
+    """Names of the tensors in a checkpoint's weights (`model.safetensors` or its shards), headers checked. None for
+    weights this cannot list without unpickling or that hold only part of the model (`pytorch_model.bin`, a PEFT
+    adapter): their files are still checked for truncation."""
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
         return _safetensors_keys(single)
+    if (folder / "adapter_model.safetensors").is_file():
+        _safetensors_keys(folder / "adapter_model.safetensors")
+        return None
+    if (folder / "pytorch_model.bin").is_file() or (folder / "adapter_model.bin").is_file():
+        return None  # zip files: checked with the torch files below
     if index.is_file():
         try:
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -117,7 +126,10 @@ def check_checkpoint(folder: str | Path, model: nn.Module) -> None:
     problem = checkpoint_problem(folder)
     if problem is not None:
         raise CheckpointError(problem)
-    stored = set(checkpoint_weight_names(Path(folder)))
+    names = checkpoint_weight_names(Path(folder))
+    if names is None:
+        return
+    stored = set(names)
     missing = [name for name in model.state_dict() if name not in stored]
     if missing:
         search = [name for name in missing if name.startswith("compression.")]

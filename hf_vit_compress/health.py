@@ -82,17 +82,12 @@ def non_finite_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> lis
 
 
 def _peaks(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """max |x| per tensor, float32, one vector (NaN and Inf survive; a finite tensor never overflows)."""
-    by_device: dict[torch.device, list[int]] = {}
-    for index, tensor in enumerate(tensors):
-        by_device.setdefault(tensor.device, []).append(index)
+    """max |x| per tensor as one float32 vector on the first tensor's device (NaN and Inf survive; a finite tensor
+    never overflows). No host synchronisation: no tensor is built from host data."""
     device = tensors[0].device
-    peaks = torch.empty(len(tensors), device=device)
-    for group_device, indices in by_device.items():
-        norms = torch._foreach_norm([tensors[i] for i in indices], float("inf"))
-        values = torch.stack([norm.float() for norm in norms]).to(device)
-        peaks[torch.tensor(indices, device=device)] = values
-    return peaks
+    if all(tensor.device == device for tensor in tensors):
+        return torch.stack([norm.float() for norm in torch._foreach_norm(tensors, float("inf"))])
+    return torch.stack([tensor.abs().amax().float().to(device) for tensor in tensors])
 
 
 def _name_list(names: list[str]) -> str:

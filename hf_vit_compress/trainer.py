@@ -41,7 +41,9 @@ class CompressionTrainer(ResumeChecks, Trainer):
     The first `compression_config.search_fraction` of the optimizer steps search the architecture (the method's
     losses are added to the task loss); then the architecture is fixed and the remaining steps fine-tune it.
     Everything else (evaluation, logging, checkpoints, resume, gradient accumulation, Accelerate) is the
-    Trainer's own.
+    Trainer's own, with checks on top: a non-finite loss or search state stops training naming the step
+    (`health.py`), a checkpoint is checked before resuming from it and `resume_from_checkpoint=True` skips
+    incomplete ones (`checkpoints.py`), and data from `prepare_dataset` is augmented reproducibly per epoch.
 
     Args:
         model: a `ViTForImageClassification`, `DeiTForImageClassification` or
@@ -222,9 +224,9 @@ class CompressionTrainer(ResumeChecks, Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Checkpoints (internal calls) save the gated model so training can resume. A user's call after the search
         writes the compressed model (safetensors + modeling files + auto_map), its `architecture.json` and
-        `compression_config.json`, atomically: a failure leaves any previous folder untouched. Without a path it
-        goes to `<args.output_dir>/compressed_model` (replacing `args.output_dir` itself would delete the
-        checkpoints in it)."""
+        `compression_config.json` with `save_atomically`: an interruption leaves the old or the new model, and
+        nothing else in the folder (checkpoints, your files) is removed. Without a path it goes to
+        `<args.output_dir>/compressed_model`. Every save first checks that training stayed finite (`health.py`)."""
         method = self.method
         check_trainer(self, f"before saving to {output_dir or self.args.output_dir}", include_weights=True)
         if _internal_call or not method.search_finished:

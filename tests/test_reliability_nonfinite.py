@@ -111,3 +111,35 @@ def test_the_cli_exits_non_zero_with_one_line_when_training_diverges(assets, tmp
     assert code == 1
     assert len(errors) == 1 and "non-finite (NaN/Inf)" in errors[0] and "step" in errors[0]
     assert not (output_dir / "compressed_model").exists()
+
+
+def test_the_per_step_record_never_reads_a_tensor_on_the_host(monkeypatch):
+    """The per-step path must not synchronise with the device (issue 12 removes every per-step sync): no `.item()`,
+    `float()`, `bool()`, `.tolist()` of a tensor, and no tensor built from host data once the record is set up.
+    Checked on CPU by making those calls fail; the check itself (one synchronisation) may read."""
+    from hf_vit_compress.health import TrainingHealth
+
+    health = TrainingHealth()
+    state = {"attention.0.alpha": torch.zeros(4), "mlp.0.score_logits": torch.zeros(8), "head_counts": torch.zeros(2)}
+    finite = {"loss": torch.tensor(1.0), "task_loss": torch.tensor(0.5), "flops_loss": torch.tensor(0.1)}
+    diverged = {**finite, "flops_loss": torch.tensor(float("inf"))}
+    health.record_losses(1, finite)  # the first step sets the record up
+    health.record_state(1, state)
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("the per-step record read a tensor on the host")
+
+    with monkeypatch.context() as patch:
+        for name in ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"):
+            patch.setattr(torch.Tensor, name, host_read)
+        patch.setattr(torch, "tensor", host_read)
+        patch.setattr(torch, "as_tensor", host_read)
+        health.record_losses(2, finite)
+        health.record_state(2, state)
+        state["attention.0.alpha"].fill_(float("nan"))
+        health.record_losses(3, diverged)
+        health.record_state(3, state)
+        health.record_losses(4, diverged)
+    with pytest.raises(FloatingPointError, match=r"first at optimizer step 3 .*FLOPs loss \[flops_loss\] from step "
+                                                 r"3.*OFB architecture logits after step 3 \(compression\.attention"):
+        health.check("at the test's check point")
