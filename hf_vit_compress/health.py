@@ -4,9 +4,9 @@ step and what went bad, never a "completed" run that saves a NaN model.
 Per step nothing here synchronises the host with the device: `TrainingHealth.record_losses` and
 `record_state` keep, on the device, the first optimizer step at which each named value was non-finite
 (`torch.where`). `check` reads that record back (one synchronisation) at the points where a wrong value would
-escape: logging steps, before every save (checkpoint or model), when the search ends and when training ends; it
-raises `NonFiniteError` if anything was non-finite. `assert_finite` is the same check for a model's tensors
-(starting model, checkpoint, exported model), naming the tensors.
+escape: logging and evaluation steps, before every save (checkpoint or model), when the search ends, when training
+ends, and every `CHECK_INTERVAL` steps otherwise; it raises `NonFiniteError` if anything was non-finite.
+`assert_finite` is the same check for a model's tensors (starting model, checkpoint, exported model), naming them.
 
 Written by hand: neither transformers nor accelerate stop a run on a non-finite loss (transformers'
 `logging_nan_inf_filter` only hides it from the logged average).

@@ -3,7 +3,8 @@ every random augmentation reproducible.
 
 - Map-style data becomes a `PreparedImageDataset` (a `torch.utils.data.Dataset` over the `datasets.Dataset`): it
   knows each example's index, so the training augmentation of example `i` in epoch `e` is drawn from a generator
-  seeded by `(transform seed, e, i)` once the trainer has called `set_epoch(e)` (`CompressionTrainer` does). The
+  seeded by `(transform seed, e, i)` once `set_epoch(e)` has been called (`CompressionTrainer` does every epoch;
+  accelerate does for a plain single-process `Trainer`; before that, the transform's own generator is used). The
   result does not depend on DataLoader workers, prefetching or the batches a resumed run skips, which is what makes
   resume exact. Labels are range-checked up front (column, value and row named). No column is dropped by the
   Trainer (it only drops columns of `datasets.Dataset`s), so `remove_unused_columns` does not matter.
