@@ -8,7 +8,7 @@
 Overrides of `train`: `--compression.target_flops 0.4`, `--compression.ofb.arch_lr 5e-2`, `--training.max_steps 5`
 (or just `--max_steps 5`: a bare name is looked up in the model/data/training/compression fields),
 `--data.train_files a.parquet b.parquet` (lists), `--training.bf16` (a bare flag is true). Errors are one line on
-stderr with exit status 2.
+stderr with exit status 2 (bad input) or 1 (training produced NaN/Inf values).
 """
 
 from __future__ import annotations
@@ -179,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(error).split())
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:  # health.NonFiniteError: the run diverged; one line naming step and term
+        message = " ".join(str(error).split())
+        print(f"error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

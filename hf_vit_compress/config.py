@@ -1,12 +1,16 @@
-"""`CompressionConfig`: what to compress to and how, validated when built, saved as JSON."""
+"""`CompressionConfig`: what to compress to and how, validated when built and on every assignment, saved as JSON."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 METHODS = ("ofb", "uvc")
+_MISSING = object()
 
 
 def _check(condition: bool, name: str, value, allowed: str) -> None:
@@ -19,8 +23,93 @@ def _check_ratios(name: str, values, low: float, high: float) -> None:
     _check(ok, name, values, f"a non-empty list of numbers in ({low}, {high}]")
 
 
+def _conform(value, hint) -> tuple[bool, object]:
+    """(whether `value` has the annotated type `hint`, the value converted: ints to float for float fields, an
+    integral float to int for int fields, lists to tuples for tuple fields). Numbers must be finite."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return type(None) in args, value
+        for option in args:
+            if option is not type(None):
+                ok, converted = _conform(value, option)
+                if ok:
+                    return True, converted
+        return False, value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)) or (origin is tuple and len(value) != len(args)):
+            return False, value
+        items = [_conform(item, args[index] if origin is tuple else args[0]) for index, item in enumerate(value)]
+        if not all(ok for ok, _ in items):
+            return False, value
+        converted = [item for _, item in items]
+        return True, tuple(converted) if origin is tuple else converted
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is float:
+        return is_number and math.isfinite(value), float(value) if is_number else value
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint in (bool, str):
+        return isinstance(value, hint), value
+    if is_dataclass(hint):
+        return isinstance(value, hint), value
+    return True, value
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("None" if option is type(None) else _describe(option) for option in args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}s"
+    if origin is tuple:
+        return f"{len(args)} values ({', '.join(_describe(arg) for arg in args)})"
+    names = {float: "a finite number", int: "an integer", bool: "true or false", str: "a string"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_types(config, prefix: str) -> None:
+    """Every field of `config` holds its annotated type (so that the range checks never meet a string)."""
+    hints = typing.get_type_hints(type(config))
+    for config_field in fields(config):
+        value = getattr(config, config_field.name)
+        ok, converted = _conform(value, hints[config_field.name])
+        _check(ok, f"{prefix}{config_field.name}", value, _describe(hints[config_field.name]))
+        if converted is not value:
+            object.__setattr__(config, config_field.name, converted)
+
+
+class _Validated:
+    """Dataclass mixin: validated when built (`__post_init__`) and again on every later assignment to a field; an
+    invalid assignment raises the field-naming `ValueError` and leaves the old value in place."""
+
+    def __post_init__(self):
+        self.validate()
+        object.__setattr__(self, "_built", True)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name.startswith("_") or not self.__dict__.get("_built"):
+            object.__setattr__(self, name, value)
+            return
+        old = self.__dict__.get(name, _MISSING)
+        object.__setattr__(self, name, value)
+        try:
+            self.validate()
+        except ValueError:
+            if old is _MISSING:
+                object.__delattr__(self, name)
+            else:
+                object.__setattr__(self, name, old)
+            raise
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+
 @dataclass
-class OFBConfig:
+class OFBConfig(_Validated):
     """OFB settings (spec/ofb.md). Fractions of the search refer to the search phase's steps.
 
     Args:
@@ -77,6 +166,7 @@ class OFBConfig:
     score_init_std: float = 0.2
 
     def validate(self) -> None:
+        _check_types(self, "ofb.")
         if self.head_choices is not None:
             ok = len(self.head_choices) > 0 and all(isinstance(h, int) and h >= 1 for h in self.head_choices)
             _check(ok, "ofb.head_choices", self.head_choices, "None or a non-empty list of ints >= 1")
@@ -99,14 +189,11 @@ class OFBConfig:
             _check(getattr(self, name) > 0, f"ofb.{name}", getattr(self, name), "> 0")
         _check(self.score_lr is None or self.score_lr > 0, "ofb.score_lr", self.score_lr, "None or > 0")
         _check(0 < self.elimination_threshold < 1, "ofb.elimination_threshold", self.elimination_threshold, "(0, 1)")
-        betas = tuple(self.arch_betas)
-        _check(len(betas) == 2 and all(0 <= b < 1 for b in betas), "ofb.arch_betas", self.arch_betas,
-               "two numbers in [0, 1)")
-        self.arch_betas = betas
+        _check(all(0 <= b < 1 for b in self.arch_betas), "ofb.arch_betas", self.arch_betas, "two numbers in [0, 1)")
 
 
 @dataclass
-class UVCConfig:
+class UVCConfig(_Validated):
     """UVC settings (spec/uvc.md). Defaults are the paper's / official code's, except `counts_space` and
     `channel_multiple`.
 
@@ -155,22 +242,20 @@ class UVCConfig:
     prox: bool = True
 
     def validate(self) -> None:
+        _check_types(self, "uvc.")
         for name in ("gumbel_tau", "counts_lr", "theta_lr", "budget_gap_clip"):
             _check(getattr(self, name) > 0, f"uvc.{name}", getattr(self, name), "> 0")
         for name in ("dual_lr", "budget_dual_lr", "dual_init", "theta_budget_weight"):
             _check(getattr(self, name) >= 0, f"uvc.{name}", getattr(self, name), ">= 0")
-        _check(isinstance(self.channel_multiple, int) and self.channel_multiple >= 1, "uvc.channel_multiple",
-               self.channel_multiple, "an integer >= 1")
+        _check(self.channel_multiple >= 1, "uvc.channel_multiple", self.channel_multiple, "an integer >= 1")
         _check(self.counts_space in ("fraction", "units"), "uvc.counts_space", self.counts_space,
                "'fraction' or 'units'")
         _check(0 <= self.theta_momentum < 1, "uvc.theta_momentum", self.theta_momentum, "[0, 1)")
         _check(0 <= self.skip_warmup_fraction <= 1, "uvc.skip_warmup_fraction", self.skip_warmup_fraction, "[0, 1]")
-        _check(len(tuple(self.theta_init)) == 2, "uvc.theta_init", self.theta_init, "two numbers (skip, run)")
-        self.theta_init = tuple(float(v) for v in self.theta_init)
 
 
 @dataclass
-class CompressionConfig:
+class CompressionConfig(_Validated):
     """What to compress to, and with which method.
 
     Args:
@@ -196,15 +281,18 @@ class CompressionConfig:
     ofb: OFBConfig = field(default_factory=OFBConfig)
     uvc: UVCConfig = field(default_factory=UVCConfig)
 
-    def __post_init__(self):
-        if isinstance(self.ofb, dict):
-            self.ofb = _from_dict(OFBConfig, self.ofb, "ofb")
-        if isinstance(self.uvc, dict):
-            self.uvc = _from_dict(UVCConfig, self.uvc, "uvc")
+    def validate(self) -> None:
+        """Check every field (types, finite numbers, ranges) and the nested `ofb` / `uvc` settings; runs when the
+        config is built, on every assignment to a field, and when a method is built from it."""
+        for name, cls in (("ofb", OFBConfig), ("uvc", UVCConfig)):
+            if isinstance(getattr(self, name), dict):
+                object.__setattr__(self, name, _from_dict(cls, getattr(self, name), name))
+        _check_types(self, "")
         _check(self.method in METHODS, "method", self.method, f"one of {list(METHODS)}")
-        _check(isinstance(self.target_flops, (int, float)) and 0 < self.target_flops < 1, "target_flops",
-               self.target_flops, "a fraction of the dense MACs strictly between 0 and 1")
-        _check(self.target_gmacs is None or self.target_gmacs > 0, "target_gmacs", self.target_gmacs, "None or > 0")
+        _check(0 < self.target_flops < 1, "target_flops", self.target_flops,
+               "a fraction of the dense MACs strictly between 0 and 1")
+        _check(self.target_gmacs is None or self.target_gmacs > 0, "target_gmacs", self.target_gmacs,
+               "None or a finite number > 0")
         _check(0 < self.search_fraction <= 1, "search_fraction", self.search_fraction, "(0, 1]")
         _check(0 <= self.distillation_alpha <= 1, "distillation_alpha", self.distillation_alpha, "[0, 1]")
         _check(self.distillation_temperature > 0, "distillation_temperature", self.distillation_temperature, "> 0")

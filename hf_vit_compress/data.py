@@ -8,15 +8,15 @@ What lives here:
   parquet/arrow files), map-style or streaming.
 - `TrainImageTransform` / `EvalImageTransform` and `transforms_from_image_processor` (from `transforms.py`): the
   usual ViT/DeiT preprocessing in PIL + numpy + torch.
-- `prepare_dataset`: turns `{image, label}` rows into `{"pixel_values", "labels"}` with clear errors on bad data.
+- `prepare_dataset` (from `prepared.py`): turns `{image, label}` rows into `{"pixel_values", "labels"}` with clear
+  errors on bad data (row named) and reproducible augmentation.
 - `shard_for_process` / `shuffle_stream`: streaming helpers for multi-process training.
 - `collate_images`: the `data_collator` for `DataLoader` / `Trainer`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from functools import partial
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import datasets
@@ -26,12 +26,13 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, IterableDataset
 from datasets.distributed import split_dataset_by_node
 from PIL import Image
 
+from .prepared import PreparedImageDataset, prepare_dataset  # re-exported: preparation is part of the data API
 from .transforms import (  # re-exported: the transforms are part of the data API
     DEFAULT_CROP_PCT,
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     EvalImageTransform,
-    ImageTransformFn,
+    ImageTransformFn,  # noqa: F401  (re-exported)
     TrainImageTransform,
     image_processor_for_transform,
     to_rgb_image,
@@ -43,6 +44,7 @@ __all__ = [
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
     "EvalImageTransform",
+    "PreparedImageDataset",
     "TrainImageTransform",
     "collate_images",
     "image_processor_for_transform",
@@ -141,139 +143,6 @@ def load_image_dataset(
     if data_files is not None and not isinstance(data_files, (str, Mapping)):
         data_files = list(data_files)
     return datasets.load_dataset(path_or_name, split=split, streaming=streaming, data_files=data_files, **load_kwargs)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Datasets -> {"pixel_values", "labels"}
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _check_columns(columns: Iterable[str], image_column: str, label_column: str) -> None:
-    columns = list(columns)
-    for role, column in (("image", image_column), ("label", label_column)):
-        if column not in columns:
-            raise ValueError(
-                f"{role.capitalize()} column {column!r} not found in the dataset; available columns: {columns}. "
-                f"Pass `{role}_column=` to name the right one."
-            )
-
-
-def _num_labels_from_features(features: Features | None, label_column: str) -> int | None:
-    if features is not None and isinstance(features.get(label_column), ClassLabel):
-        return features[label_column].num_classes
-    return None
-
-
-def _check_label(label: Any, num_labels: int | None, label_column: str) -> int:
-    # Unwrap 0-d / 1-element tensors and numpy scalars into Python numbers.
-    if isinstance(label, torch.Tensor) and label.numel() == 1:
-        label = label.item()
-    elif isinstance(label, (np.ndarray, np.generic)) and label.size == 1:
-        label = label.item()
-    if isinstance(label, bool) or not isinstance(label, int):
-        if isinstance(label, float) and label.is_integer():
-            label = int(label)
-        else:
-            raise ValueError(
-                f"Label column {label_column!r} must hold integer class indices, got {label!r} "
-                f"({type(label).__name__}); encode string labels with `dataset.class_encode_column({label_column!r})`"
-            )
-    if num_labels is not None and not 0 <= label < num_labels:
-        raise ValueError(
-            f"Label {label} in column {label_column!r} is outside the valid range [0, {num_labels}) "
-            f"(num_labels={num_labels})"
-        )
-    return label
-
-
-def _prepare_example(
-    example: Mapping[str, Any],
-    transform: ImageTransformFn,
-    image_column: str,
-    label_column: str,
-    num_labels: int | None,
-) -> dict[str, Any]:
-    # Streams with unknown features could not be checked up front; check each example instead.
-    _check_columns(example.keys(), image_column, label_column)
-    label = _check_label(example[label_column], num_labels, label_column)
-    return {"pixel_values": transform(to_rgb_image(example[image_column])), "labels": label}
-
-
-def _prepare_batch(
-    batch: Mapping[str, list],
-    transform: ImageTransformFn,
-    image_column: str,
-    label_column: str,
-    num_labels: int | None,
-) -> dict[str, list]:
-    labels = [_check_label(label, num_labels, label_column) for label in batch[label_column]]
-    pixel_values = [transform(to_rgb_image(image)) for image in batch[image_column]]
-    return {"pixel_values": pixel_values, "labels": labels}
-
-
-def prepare_dataset(
-    dataset: Dataset | IterableDataset,
-    transform: ImageTransformFn,
-    image_column: str = "image",
-    label_column: str = "label",
-    num_labels: int | None = None,
-) -> Dataset | IterableDataset:
-    """Turn `{image, label}` rows into `{"pixel_values": FloatTensor(3, H, W), "labels": int}` examples.
-
-    The transform runs lazily: via `Dataset.with_transform` for map-style datasets (each access re-runs it, so random
-    augmentations differ per epoch) and via `IterableDataset.map` for streams. Images may be PIL images of any mode
-    (grayscale and RGBA are converted to RGB), arrays or tensors with 1, 3 or 4 channels (see `to_rgb_image`).
-
-    Args:
-        dataset (`datasets.Dataset` or `datasets.IterableDataset`):
-            The data; other columns are dropped.
-        transform (`Callable`):
-            Maps a PIL RGB image to a `(3, H, W)` float tensor, e.g. a `TrainImageTransform` or `EvalImageTransform`.
-        image_column (`str`, *optional*, defaults to `"image"`):
-            Column holding the images.
-        label_column (`str`, *optional*, defaults to `"label"`):
-            Column holding integer class indices.
-        num_labels (`int`, *optional*):
-            When given, every label must be in `[0, num_labels)`. Defaults to the number of classes of a `ClassLabel`
-            label column, if the dataset has one.
-
-    With `transformers.Trainer`, set `remove_unused_columns=False` in `TrainingArguments`: the Trainer otherwise drops
-    the `image`/`label` columns (unknown to the model's `forward`) before this transform can read them.
-
-    Returns:
-        A dataset of the same kind whose examples are `{"pixel_values", "labels"}`.
-
-    Raises:
-        `ValueError`: a missing column (eagerly when the columns are known, otherwise on the first example), an image
-        that cannot be made RGB (e.g. 2 or 5 channels) or a label outside `[0, num_labels)` (both when the example is
-        read).
-    """
-    if isinstance(dataset, (DatasetDict, datasets.IterableDatasetDict)):
-        raise TypeError("prepare_dataset takes one split; call it on dataset['train'], dataset['test'], ...")
-    if num_labels is not None and num_labels < 1:
-        raise ValueError(f"num_labels must be a positive integer, got {num_labels}")
-
-    features = dataset.features
-    if features is not None:
-        _check_columns(features, image_column, label_column)
-    if num_labels is None:
-        num_labels = _num_labels_from_features(features, label_column)
-    kwargs = {
-        "transform": transform,
-        "image_column": image_column,
-        "label_column": label_column,
-        "num_labels": num_labels,
-    }
-
-    if isinstance(dataset, IterableDataset):
-        if features is not None:
-            return dataset.map(partial(_prepare_example, **kwargs), remove_columns=list(features))
-        # Column names unknown: drop the extra columns after mapping instead.
-        return dataset.map(partial(_prepare_example, **kwargs)).select_columns(["pixel_values", "labels"])
-    if isinstance(dataset, Dataset):
-        # Only decode the two columns we need.
-        return dataset.with_transform(partial(_prepare_batch, **kwargs), columns=[image_column, label_column])
-    raise TypeError(f"Expected a datasets.Dataset or datasets.IterableDataset, got {type(dataset).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -6,18 +6,16 @@ computes exactly what the dense model computes under `gating.apply_architecture(
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .architecture import Architecture, LayerArchitecture
+from .health import assert_finite, model_tensors
 from .kernels import cross_check_sdpa, kernel_report, kernel_summary, math_fallback_warning
 from .modeling import CompressedViTConfig, CompressedViTForImageClassification
+from .saving import save_atomically  # noqa: F401  (re-exported: callers import it from here)
 from .targets import BlockParts, ModelParts, model_parts
 
 
@@ -91,6 +89,9 @@ def export_compressed_model(model: nn.Module, architecture: Architecture) -> Com
         `config.kernel_support` records which sdpa backends its shapes allow (`hf_vit_compress.kernels`) and its
         `kernel_report` attribute the per-layer details (with torch's own verdicts when exported on a CUDA device);
         a `UserWarning` names any layer that only sdpa's unfused math fallback can run.
+
+    Raises:
+        NonFiniteError: a kept weight (or a folded scale) is NaN/Inf; the message names the exported tensors.
     """
     parts = model_parts(model)
     architecture.validate(model.config, num_blocks=len(parts.blocks))
@@ -111,6 +112,8 @@ def export_compressed_model(model: nn.Module, architecture: Architecture) -> Com
     _copy_layernorm(compressed.vit.layernorm, parts.final_layernorm, hidden)
     for name, head in parts.heads.items():
         _copy_linear(getattr(compressed, name), head, cols=hidden)
+    assert_finite(model_tensors(compressed), "the exported compressed model",
+                  "The dense model's kept weights (or the search's scales) are not finite; nothing was exported.")
     return compressed
 
 
@@ -168,38 +171,3 @@ def _export_block(target, block: BlockParts, layer: LayerArchitecture, hidden: t
     mlp_scale = _scale_vector(layer.mlp_scale, neurons)
     _copy_linear(target.mlp.fc1, block.fc1, rows=neurons, cols=hidden, row_scale=mlp_scale)
     _copy_linear(target.mlp.fc2, block.fc2, rows=hidden, cols=neurons)
-
-
-def save_atomically(
-    model, output_dir: str | os.PathLike, extra_files: dict[str, str] | None = None, **save_kwargs
-) -> Path:
-    """`model.save_pretrained(output_dir)` that never leaves a half-written folder where a good one was.
-
-    The model (and `extra_files`, name -> text, written beside it) goes to a temporary sibling folder first; only
-    when all of it succeeded is it moved into place (the previous folder, if any, is kept until the move has
-    happened and then removed).
-    """
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    # A plain mkdir (not tempfile.mkdtemp, which makes it 0o700) so the saved folder gets the umask's permissions,
-    # like save_pretrained's own; unique names so a stale folder left by a crashed run (same pid) cannot collide.
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging = output_dir.with_name(f".{output_dir.name}.partial-{token}")
-    staging.mkdir()
-    backup = None
-    try:
-        model.save_pretrained(staging, **save_kwargs)
-        for name, text in (extra_files or {}).items():
-            (staging / name).write_text(text)
-        if output_dir.exists():
-            backup = output_dir.with_name(f".{output_dir.name}.old-{token}")
-            os.replace(output_dir, backup)
-        os.replace(staging, output_dir)
-    except BaseException:
-        if backup is not None and not output_dir.exists():
-            os.replace(backup, output_dir)  # the swap failed half-way: put the good folder back
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup, ignore_errors=True)
-    return output_dir

@@ -124,7 +124,10 @@ class PMIM(nn.Module):
         batch_size, num_patches, hidden = tokens.shape
         feature_map = tokens.transpose(1, 2).reshape(batch_size, hidden, *self.grid)
         reconstruction = self.decoder(feature_map.to(self.decoder[0].weight.dtype)).float()
-        target = locally_normalize(pixel_values.float(), self.window)
+        # An image size that is not a multiple of the patch (30 px, patch 8): the patch embedding never sees the
+        # last rows/columns, so only the covered area is reconstructed.
+        covered = (self.grid[0] * self.patch_size[0], self.grid[1] * self.patch_size[1])
+        target = locally_normalize(pixel_values.float(), self.window)[..., : covered[0], : covered[1]]
         pixel_mask = (
             self._token_mask.reshape(batch_size, 1, *self.grid)
             .repeat_interleave(self.patch_size[0], dim=2)

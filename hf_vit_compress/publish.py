@@ -32,6 +32,7 @@ from transformers.utils import logging
 from .card import build_model_card
 from .export import save_atomically
 from .flops import count_macs, count_params
+from .saving import CONTROL_DIR
 
 logger = logging.get_logger(__name__)
 
@@ -339,7 +340,8 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | bool 
         if revision not in (None, "main"):
             api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
         result = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
-                                   token=token, revision=revision, create_pr=create_pr, run_as_future=run_as_future)
+                                   token=token, revision=revision, create_pr=create_pr, run_as_future=run_as_future,
+                                   ignore_patterns=[".*"])  # hidden files (the save's bookkeeping) stay local
     except BaseException:
         if cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True)
@@ -452,6 +454,7 @@ def push_trainer_model(trainer, commit_message: str | None = "End of training", 
     try:
         files = _trainer_files(trainer, compressed, repo_id=repo_id, model_name=model_name)
         folder = save_atomically(compressed, staging / model_name, extra_files=files)
+        shutil.rmtree(folder / CONTROL_DIR, ignore_errors=True)  # the save's own bookkeeping, not for the Hub
         trainer._finish_current_push()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -97,6 +97,11 @@ class DataArguments:
     image_size: int | None = field(default=None, metadata={"help": "input size; default: the model's image_size"})
     random_crop_min_scale: float = field(default=0.08, metadata={"help": "smallest random-resized-crop area"})
     hflip_prob: float = field(default=0.5, metadata={"help": "probability of a horizontal flip in training"})
+    skip_undecodable_images: bool = field(
+        default=False,
+        metadata={"help": "skip (and count in the report) images that cannot be decoded, instead of stopping with "
+                          "an error naming the row and file"},
+    )
 
 
 #: the dataclass behind each section that HfArgumentParser parses
@@ -110,7 +115,21 @@ def _argument_classes():
 # YAML
 # ---------------------------------------------------------------------------------------------------------------
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-3` / `5E4` as floats (YAML 1.2), not strings (YAML 1.1)."""
+    """SafeLoader that reads `1e-3` / `5E4` as floats (YAML 1.2), not strings (YAML 1.1), and rejects a key given
+    twice in one mapping (PyYAML silently keeps the last: `method: ofb` ... `method: uvc` ran UVC)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges are not duplicates
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} at line {key_node.start_mark.line + 1} (first given at line "
+                    f"{first_line[key]}): give each key once", key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

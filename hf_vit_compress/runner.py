@@ -23,6 +23,35 @@ def _resample(processor):
         return Image.Resampling.BILINEAR
 
 
+def _load_model(name_or_path: str, field: str, **kwargs):
+    """`AutoModelForImageClassification.from_pretrained`, with a one-line error naming the recipe field when the
+    model cannot be found (a missing local folder is otherwise looked up on the Hub: a traceback)."""
+    from transformers import AutoModelForImageClassification
+
+    try:
+        return AutoModelForImageClassification.from_pretrained(name_or_path, **kwargs)
+    except OSError as error:
+        path = Path(name_or_path).expanduser()
+        local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+        reason = ("no such local folder" if not path.exists() else str(error).splitlines()[0]) if local else (
+            f"not a local folder, and the Hub gave: {str(error).splitlines()[0]}")
+        raise ValueError(f"{field}={name_or_path!r} cannot be loaded: {reason}") from None
+
+
+def _skipped_images(dataset, trainer) -> int:
+    """Images skipped as undecodable by a prepared dataset, summed over the processes (0 when none skipped)."""
+    import torch
+
+    from .prepared import PreparedImageDataset, augmentation_keys
+
+    if isinstance(dataset, PreparedImageDataset):
+        count = dataset.skipped_images
+    else:
+        keys = augmentation_keys(dataset)
+        count = keys.skipped if keys is not None else 0
+    return int(trainer.accelerator.reduce(torch.tensor(count, device=trainer.args.device), reduction="sum"))
+
+
 def _load_split(data: DataArguments, split: str, files, streaming: bool):
     from .data import load_image_dataset
 
@@ -87,9 +116,9 @@ def run_recipe(setup: TrainSetup) -> dict:
     writes. Returns the report.
     """
     from datasets import ClassLabel
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers import AutoImageProcessor, set_seed
 
+    from .checkpoints import last_complete_checkpoint
     from .data import collate_images, prepare_dataset, shuffle_stream, transforms_from_image_processor
     from .metrics import ImageClassificationMetrics
     from .publish import compression_report, is_hub_dataset_id
@@ -110,16 +139,17 @@ def run_recipe(setup: TrainSetup) -> dict:
     load = dict(revision=m.model_revision, trust_remote_code=m.trust_remote_code, cache_dir=m.cache_dir)
     if m.attn_implementation is not None:
         load["attn_implementation"] = m.attn_implementation
-    model = AutoModelForImageClassification.from_pretrained(m.model_name_or_path, **load)
+    model = _load_model(m.model_name_or_path, "model.model_name_or_path", **load)
     if num_labels is not None and num_labels != model.config.num_labels:
         names = label_feature.names
-        model = AutoModelForImageClassification.from_pretrained(
-            m.model_name_or_path, num_labels=num_labels, id2label=dict(enumerate(names)),
+        model = _load_model(
+            m.model_name_or_path, "model.model_name_or_path", num_labels=num_labels, id2label=dict(enumerate(names)),
             label2id={name: i for i, name in enumerate(names)}, ignore_mismatched_sizes=True, **load,
         )
+    num_labels = model.config.num_labels  # every label must index the classifier (plain int columns included)
     teacher = None
     if m.teacher_name_or_path is not None:
-        teacher = AutoModelForImageClassification.from_pretrained(m.teacher_name_or_path, **load).eval()
+        teacher = _load_model(m.teacher_name_or_path, "model.teacher_name_or_path", **load).eval()
         teacher.requires_grad_(False)
     try:
         processor = AutoImageProcessor.from_pretrained(m.model_name_or_path, revision=m.model_revision,
@@ -137,11 +167,12 @@ def run_recipe(setup: TrainSetup) -> dict:
     if d.streaming:
         train = shuffle_stream(train, seed=t.seed, buffer_size=d.shuffle_buffer_size,
                                max_buffer_input_shards=d.shuffle_buffer_input_shards)
-    train = prepare_dataset(train, train_transform, d.image_column, d.label_column, num_labels)
+    train = prepare_dataset(train, train_transform, d.image_column, d.label_column, num_labels,
+                            skip_undecodable_images=d.skip_undecodable_images)
     evaluation = None
     if eval_raw is not None:
         evaluation = prepare_dataset(_take(eval_raw, d.max_eval_samples), eval_transform, d.image_column,
-                                     d.label_column, num_labels)
+                                     d.label_column, num_labels, skip_undecodable_images=d.skip_undecodable_images)
 
     # -- steps: a stream has no length, so epochs become steps through the example count -----------------------
     steps_per_epoch = None
@@ -177,10 +208,10 @@ def run_recipe(setup: TrainSetup) -> dict:
         trainer.evaluate_dense()  # the source model, before any step (also when resuming: weights load in train())
     resume = t.resume_from_checkpoint
     if resume is not None and str(resume).lower() in ("last", "true"):
-        resume = get_last_checkpoint(t.output_dir)
+        resume = last_complete_checkpoint(t.output_dir)  # skips (with a warning) checkpoints cut short by a kill
         if resume is None:
-            raise ValueError(f"training.resume_from_checkpoint={t.resume_from_checkpoint!r}: no checkpoint-* folder "
-                             f"in {t.output_dir}")
+            raise ValueError(f"training.resume_from_checkpoint={t.resume_from_checkpoint!r}: no complete "
+                             f"checkpoint-* folder in {t.output_dir}")
     train_result = trainer.train(resume_from_checkpoint=resume)
     metrics = dict(train_result.metrics)
     if evaluation is not None:
@@ -189,12 +220,16 @@ def run_recipe(setup: TrainSetup) -> dict:
     # Every rank calls it (it synchronises); only the main process writes (and pushes, with training.push_to_hub).
     trainer.save_model(str(output_dir))
 
+    skipped = {"train": _skipped_images(train, trainer)}
+    if evaluation is not None:
+        skipped["eval"] = _skipped_images(evaluation, trainer)
     # The same facts as the card's (compressed_model/compression_report.json), plus the run's bookkeeping.
     report = {
         **compression_report(trainer),
         "model": m.model_name_or_path,
         "steps_per_epoch": int(trainer.method.steps_per_epoch),
         "metrics": metrics,
+        "skipped_images": skipped,  # undecodable images skipped (data.skip_undecodable_images), summed over processes
         "compressed_model": str(output_dir),
     }
     if trainer.is_world_process_zero():

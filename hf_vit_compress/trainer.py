@@ -18,11 +18,14 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 from .architecture import Architecture
+from .checkpoints import ResumeChecks, RunAlreadyComplete
 from .config import CompressionConfig
 from .distill import distillation_loss, frozen_teacher_copy
 from .export import export_compressed_model
 from .gating import install_gates
+from .health import HealthCallback, TrainingHealth, check_trainer, model_tensors
 from .methods import CompressionMethod, build_method
+from .prepared import augmentation_keys
 from .targets import model_parts
 
 #: name of the submodule that holds the method's gates inside the compressed model
@@ -31,13 +34,15 @@ GATES_ATTRIBUTE = "compression"
 logger = logging.get_logger(__name__)
 
 
-class CompressionTrainer(Trainer):
+class CompressionTrainer(ResumeChecks, Trainer):
     """`transformers.Trainer` that compresses a ViT/DeiT image classifier under a FLOPs budget.
 
     The first `compression_config.search_fraction` of the optimizer steps search the architecture (the method's
     losses are added to the task loss); then the architecture is fixed and the remaining steps fine-tune it.
     Everything else (evaluation, logging, checkpoints, resume, gradient accumulation, Accelerate) is the
-    Trainer's own.
+    Trainer's own, with checks on top: a non-finite loss or search state stops training naming the step
+    (`health.py`), a checkpoint is checked before resuming from it and `resume_from_checkpoint=True` skips
+    incomplete ones (`checkpoints.py`), and data from `prepare_dataset` is augmented reproducibly per epoch.
 
     Args:
         model: a `ViTForImageClassification`, `DeiTForImageClassification` or
@@ -74,6 +79,7 @@ class CompressionTrainer(Trainer):
             raise ValueError(f"model already has a `{GATES_ATTRIBUTE}` submodule: it is already being compressed")
         self.compression_config = compression_config
         method = build_method(model, compression_config)
+        self._config_at_build = compression_config.to_dict()  # the method's budget and schedules come from it
         if teacher is None and method.uses_teacher_by_default:
             teacher = frozen_teacher_copy(model)  # taken before gates exist: the dense model
         model.add_module(GATES_ATTRIBUTE, method)
@@ -99,8 +105,12 @@ class CompressionTrainer(Trainer):
                 f"CompressionTrainer: steps_per_epoch={steps_per_epoch!r} is invalid: allowed None or >= 1"
             )
         self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
+        # A non-finite loss stops the run (health.py), so there is nothing left for transformers' NaN filter to hide;
+        # with it on, a diverged run logged "loss 0.0" (it also synchronises with the device every step).
+        args.logging_nan_inf_filter = False
         super().__init__(model=model, args=args, **kwargs)
         self.teacher = teacher
+        self.health = TrainingHealth("task loss (distillation)" if teacher is not None else "task loss (cross-entropy)")
         # The loss is a per-batch mean; let the Trainer divide by gradient_accumulation_steps itself.
         self.model_accepts_loss_kwargs = False
         self.compression_history: list[dict] = []
@@ -109,6 +119,7 @@ class CompressionTrainer(Trainer):
         #: model card facts only the caller knows (publish.CARD_INFO_KEYS: dataset ids, license, eval dataset, ...)
         self.model_card_info: dict = {}
         self._method_logs: dict[str, list[float]] = {}
+        self.add_callback(HealthCallback(self))  # first: reports a non-finite search state before it is finalised
         self.add_callback(CompressionCallback(self))
 
     # -- access ------------------------------------------------------------------------------------------------
@@ -155,6 +166,7 @@ class CompressionTrainer(Trainer):
         if model.training:
             loss, logs = self.method.loss(task_loss, outputs.logits, inputs)
             logs = {"task_loss": float(task_loss.detach()), **logs}
+            self.health.record_losses(self.state.global_step + 1, {"loss": loss, **logs})
             for key, value in logs.items():
                 self._method_logs.setdefault(key, []).append(value)
             if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -239,8 +251,11 @@ class CompressionTrainer(Trainer):
         (`processing_class`), `architecture.json`, `compression_config.json`, `compression_report.json` and a
         README.md model card, atomically (see `publish.py`). Without a path it goes to
         `<args.output_dir>/compressed_model` (replacing `args.output_dir` itself would delete the checkpoints in
-        it). With `args.push_to_hub` it then pushes the same files (`push_to_hub`); a call before the search has
-        finished saves the gated model and pushes nothing."""
+        it). Nothing else in the folder (checkpoints, your files) is removed, and an interruption leaves the old or
+        the new model (`saving.save_atomically`). With `args.push_to_hub` it then pushes the same files
+        (`push_to_hub`); a call before the search has finished saves the gated model and pushes nothing. Every save
+        first checks that training stayed finite (`health.py`)."""
+        check_trainer(self, f"before saving to {output_dir or self.args.output_dir}", include_weights=True)
         if _internal_call or not self.method.search_finished:
             return super().save_model(output_dir, _internal_call=True)
         from .publish import save_trainer_model
@@ -325,6 +340,12 @@ class CompressionCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         method = self.trainer.method
+        config = self.trainer.compression_config
+        config.validate()
+        changed = sorted(key for key, value in config.to_dict().items() if self.trainer._config_at_build[key] != value)
+        if changed:
+            raise ValueError(f"CompressionConfig fields {changed} were changed after CompressionTrainer was built, "
+                             "which has already set up its method from them: build a new CompressionTrainer instead")
         # Scale-out: every rank must start from the same search state (DDP broadcast it when wrapping the model;
         # a resumed run loaded the same checkpoint everywhere): checked, and rank 0's enforced if not.
         self.trainer.synchronize_search_state("train begin")
@@ -345,13 +366,27 @@ class CompressionCallback(TrainerCallback):
         method.set_progress(state.global_step)
         if state.global_step >= search_steps:
             method.finalize()
+        if state.global_step >= state.max_steps > 0:  # resumed from the run's last checkpoint: no step is left
+            raise RunAlreadyComplete()
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # Data from `prepare_dataset`: key each example's augmentation by (seed, epoch, index), so a resumed run
+        # draws exactly what the uninterrupted one drew (the Trainer skips the done batches without reading them).
+        keys = augmentation_keys(self.trainer.train_dataset)
+        if keys is not None:
+            keys.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer.method.set_progress(state.global_step)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         learning_rate = self.trainer.optimizer.param_groups[0]["lr"]
-        self.trainer.method.after_optimizer_step(learning_rate)
+        try:
+            self.trainer.method.after_optimizer_step(learning_rate)
+        except (ValueError, RuntimeError) as error:  # e.g. UVC's counts cannot be rounded once they are NaN
+            self.trainer.health.check(f"when the method's update after step {state.global_step + 1} failed ({error})",
+                                      model_tensors(self.trainer.accelerator.unwrap_model(self.trainer.model)))
+            raise
 
     def on_step_end(self, args, state, control, **kwargs):
         method = self.trainer.method

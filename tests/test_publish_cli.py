@@ -62,7 +62,7 @@ def test_train_reports_dense_and_compressed_accuracy_and_pushes_the_compressed_m
     assert hub.repos[0]["repo_id"] == "me/cli-run" and hub.uploads[0]["token"] == "hf_cli"
     files = hub.files()
     saved = output_dir / "compressed_model"
-    assert set(files) == PUBLISHED == {path.name for path in saved.iterdir()}
+    assert set(files) == PUBLISHED == {path.name for path in saved.iterdir() if not path.name.startswith(".")}
     assert json.loads(files["config.json"].read_text())["model_type"] == "compressed_vit"
     source = json.loads((assets["folder"] / "with_processor" / "preprocessor_config.json").read_text())
     assert json.loads(files["preprocessor_config.json"].read_text()) == source  # the source model's processor

@@ -9,7 +9,9 @@ from .base import CompressionMethod
 
 
 def build_method(model: nn.Module, config: CompressionConfig) -> CompressionMethod:
-    """Instantiate the method named by `config.method` for `model`."""
+    """Instantiate the method named by `config.method` for `model` (the config is validated again first: a list
+    field may have been changed in place)."""
+    config.validate()
     if config.method == "ofb":
         from .ofb import OFBMethod
 

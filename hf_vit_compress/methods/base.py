@@ -53,6 +53,12 @@ class CompressionMethod(nn.Module):
         self.geometry: Geometry = geometry(model)
         self.dense_macs = dense_macs(model)
         self.target_macs = config.target_macs(self.dense_macs)
+        if self.target_macs >= self.dense_macs:  # only target_gmacs can: target_flops is < 1
+            raise ValueError(
+                f"CompressionConfig.target_gmacs={config.target_gmacs} is invalid: allowed a budget below the dense "
+                f"model's {self.dense_macs / 1e9:.6g} GMACs (at or above it nothing would be compressed; the papers' "
+                "\"FLOPs\" are MACs: use the same number as them, or target_flops for a fraction)"
+            )
         self.total_search_steps = 1
         self.steps_per_epoch = 1.0
         self.register_buffer("finalized", torch.tensor(False))
