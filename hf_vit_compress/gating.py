@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -114,6 +114,7 @@ class GateHandle:
         self.enabled = True
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._gated_linears: list[nn.Linear] = []
+        self._mask_getters: dict[nn.Linear, Callable[[], torch.Tensor | None]] = {}
         self._swapped: list[tuple[nn.Module, str, nn.LayerNorm]] = []
         self._install()
 
@@ -139,6 +140,18 @@ class GateHandle:
         # An instance attribute shadows nn.Linear.forward; deleting it restores the class's forward.
         linear.forward = _gated_linear_forward(linear, mask_of)
         self._gated_linears.append(linear)
+        self._mask_getters[linear] = mask_of
+
+    def output_mask(self, linear: nn.Module) -> torch.Tensor | None:
+        """The multiplier this handle applies to `linear`'s output units in the current forward (None: `linear` is
+        not gated, or not masked now). For code that adds to a gated Linear's output (a LoRA update), which must be
+        gated the same way for the dense model to compute what the exported one does."""
+        mask_of = self._mask_getters.get(linear)
+        return None if mask_of is None else mask_of()
+
+    def gates_output_of(self, linear: nn.Module) -> bool:
+        """Whether this handle gates `linear`'s output units (q/k/v projections and fc1)."""
+        return linear in self._mask_getters
 
     def _layernorm_slots(self):
         for block in self.parts.blocks:
@@ -180,6 +193,7 @@ class GateHandle:
         for linear in self._gated_linears:
             del linear.forward
         self._gated_linears.clear()
+        self._mask_getters.clear()
         for parent, name, original in self._swapped:
             setattr(parent, name, original)
         self._swapped.clear()
