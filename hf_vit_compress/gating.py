@@ -142,16 +142,15 @@ class GateHandle:
         self._gated_linears.append(linear)
         self._mask_getters[linear] = mask_of
 
-    def output_mask(self, linear: nn.Module) -> torch.Tensor | None:
-        """The multiplier this handle applies to `linear`'s output units in the current forward (None: `linear` is
-        not gated, or not masked now). For code that adds to a gated Linear's output (a LoRA update), which must be
-        gated the same way for the dense model to compute what the exported one does."""
-        mask_of = self._mask_getters.get(linear)
-        return None if mask_of is None else mask_of()
-
     def gates_output_of(self, linear: nn.Module) -> bool:
         """Whether this handle gates `linear`'s output units (q/k/v projections and fc1)."""
         return linear in self._mask_getters
+
+    def gate_like(self, linear: nn.Linear, gated: nn.Linear) -> None:
+        """Gate `linear`'s output units with `gated`'s mask (folded into its weight rows, like `gated`'s; undone by
+        `remove()`). For a Linear whose output is added to `gated`'s, such as a LoRA update's B: the dense model
+        then computes what the exported model, which keeps only the gated Linear's kept units, computes."""
+        self._gate_linear(linear, self._mask_getters[gated])
 
     def _layernorm_slots(self):
         for block in self.parts.blocks:

@@ -20,7 +20,7 @@ unchanged; switching to another model mid-run would mean rebuilding each of them
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -122,16 +122,6 @@ def unwrap_peft_model(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _gate_update(gates: GateHandle, base: nn.Linear):
-    """Forward hook on lora_B: scale the LoRA update's output units by the gate of the Linear it adapts."""
-
-    def hook(module, args, output):
-        mask = gates.output_mask(base)
-        return output if mask is None else output * mask.to(output.dtype)
-
-    return hook
-
-
 class LoRARecovery:
     """LoRA adapters for the fine-tuning phase of `CompressionTrainer` (`CompressionConfig.finetune="lora"`).
 
@@ -139,34 +129,33 @@ class LoRARecovery:
     layers of every block of the gated dense model, so the optimizer, DDP and checkpoints hold them from the start.
     While the search runs they are bypassed (peft's disabled adapters: the search computes exactly what it computes
     with `finetune="full"`); once it has ended they are enabled (checked before every forward), and
-    `begin_finetuning` freezes the backbone's weights (and the heads unless `settings.train_heads`) and drops their
-    optimizer state.
+    `begin_finetuning` freezes everything but the adapters and (with `settings.train_heads`) the heads: the
+    backbone's weights and the method's parameters (OFB's per-unit scales stay as the search left them), whose
+    optimizer state it drops.
 
     The gates (gating.py) scale the output units of q/k/v/fc1 by folding the mask into that Linear's weight rows,
-    and peft adds the LoRA update outside that Linear, so the update is scaled here by the same mask (a hook on
-    lora_B): the layer computes m * (W x + b + s B A x), which is what the exported Linear with rows
-    m * (W + s B A) computes. Ungated, the adapters would write into pruned units and train a function that export
-    cannot keep.
+    and peft adds the LoRA update outside that Linear, so the update's B gets the same gate (`GateHandle.gate_like`):
+    the layer computes m * (W x + b + s B A x), which is what the exported Linear with rows m * (W + s B A)
+    computes. Ungated, the adapters would write into pruned units and train a function that export cannot keep.
 
     Args:
         model: the dense ViT/DeiT classifier with the gates installed.
         gates: the handle of those gates.
         settings: `CompressionConfig.lora`.
-        search_finished: returns whether the search has ended (the method's `search_finished`).
+        method: the compression method attached to `model` (its `search_finished` and parameters).
     """
 
-    def __init__(self, model: nn.Module, gates: GateHandle, settings: LoRARecoveryConfig,
-                 search_finished: Callable[[], bool]):
+    def __init__(self, model: nn.Module, gates: GateHandle, settings: LoRARecoveryConfig, method: nn.Module):
         peft = import_peft()
         from peft.tuners.lora import LoraLayer
 
         parts = model_parts(model)
         self.settings = settings
-        self._search_finished = search_finished
+        self._method = [method]  # a list: not an attribute torch or peft would walk
         names = {module: name for name, module in model.named_modules()}
         # Full names, so that nothing outside the blocks (the method's own modules) can match.
         targets = [names[getattr(block, kind)] for block in parts.blocks for kind in settings.target_modules]
-        frozen = list(parts.backbone.parameters())
+        frozen = [*parts.backbone.parameters(), *method.parameters()]
         if not settings.train_heads:
             frozen += [parameter for head in parts.heads.values() for parameter in head.parameters()]
         trainable = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
@@ -183,11 +172,11 @@ class LoRARecovery:
             for parameter in adapter.parameters()
         ]
         self.frozen_parameters: list[nn.Parameter] = frozen
-        self._hooks = [model.register_forward_pre_hook(self._follow_search)]
+        self._pre_hook = model.register_forward_pre_hook(self._follow_search)
         for layer in self.layers:
             base = layer.get_base_layer()
             if gates.gates_output_of(base):
-                self._hooks.append(layer.lora_B[RECOVERY_ADAPTER].register_forward_hook(_gate_update(gates, base)))
+                gates.gate_like(layer.lora_B[RECOVERY_ADAPTER], base)
         self.enabled = True  # peft injects enabled adapters
         self.finetuning = False
         self._set_enabled(False)
@@ -202,7 +191,7 @@ class LoRARecovery:
         self.enabled = enabled
 
     def _follow_search(self, module, args) -> None:
-        finished = bool(self._search_finished())
+        finished = bool(self._method[0].search_finished)
         if finished != self.enabled:
             self._set_enabled(finished)
 

@@ -85,7 +85,7 @@ class CompressionTrainer(Trainer):
         self.gate_handle = install_gates(model, method)
         # finetune="lora": adapters injected now (inert until the search ends), so optimizer/DDP/checkpoints see them
         self.lora_recovery = (
-            LoRARecovery(model, self.gate_handle, compression_config.lora, lambda: method.search_finished)
+            LoRARecovery(model, self.gate_handle, compression_config.lora, method)
             if compression_config.finetune == "lora" else None
         )
         # Scale-out: DDP must NOT search for unused parameters. Method losses use parameters outside the model's

@@ -125,6 +125,10 @@ def test_the_base_is_frozen_after_the_search(lora_run):
     assert not any(parameter in optimizer_state for parameter in recovery.frozen_parameters)  # AdamW moments freed
     model = trainer.accelerator.unwrap_model(trainer.model)
     assert model.classifier.weight.requires_grad  # train_heads (default)
+    method = {id(p) for p in trainer.method.parameters()}
+    assert method <= {id(p) for p in recovery.frozen_parameters}  # OFB's scales stay as the search left them
+    backbone = {id(p) for p in model.vit.parameters()} - {id(p) for p in recovery.parameters}
+    assert backbone <= {id(p) for p in recovery.frozen_parameters}
 
 
 def test_the_search_is_the_same_as_with_full_finetuning(lora_run, tmp_path):
@@ -162,7 +166,7 @@ def test_export_is_a_plain_model_computing_the_merged_trained_model(lora_run, tm
     torch.testing.assert_close(logits_of(loaded, pixel_values), merged, atol=ATOL, rtol=0)
 
 
-def test_without_the_gate_on_the_update_the_dense_model_would_differ(lora_run, monkeypatch):
+def test_without_the_gate_on_the_update_the_dense_model_would_differ(lora_run):
     """The adapters write into pruned q/k/v/fc1 units unless their update is gated like the Linear it adapts: with
     the update ungated the dense model computes something else (which the export, keeping only kept units, could
     not match), so the equality above depends on the gate."""
@@ -170,8 +174,17 @@ def test_without_the_gate_on_the_update_the_dense_model_would_differ(lora_run, m
     model = trainer.accelerator.unwrap_model(trainer.model).eval()
     pixel_values = make_pixel_values(4, seed=7)
     gated = logits_of(model, pixel_values)
-    monkeypatch.setattr(trainer.gate_handle, "output_mask", lambda linear: None)
-    assert (logits_of(model, pixel_values) - gated).abs().max() > 1e-3
+    updates = [layer.lora_B["recovery"] for layer in trainer.lora_recovery.layers]
+    gated_updates = [b for b in updates if trainer.gate_handle.gates_output_of(b)]
+    assert len(gated_updates) == 2 * 4  # q, k, v, fc1 of both blocks
+    forwards = [b.__dict__.pop("forward") for b in gated_updates]  # back to nn.Linear.forward: ungated
+    try:
+        ungated = logits_of(model, pixel_values)
+    finally:
+        for b, forward in zip(gated_updates, forwards):
+            b.forward = forward
+    assert (ungated - gated).abs().max() > 1e-3
+    torch.testing.assert_close(logits_of(model, pixel_values), gated, atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
