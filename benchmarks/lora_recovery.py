@@ -3,6 +3,7 @@
     python benchmarks/lora_recovery.py                      # accuracy: CIFAR-10 (quality.py's cpu mode), 50% MACs
     python benchmarks/lora_recovery.py --part memory --device cuda   # memory / step time: DeiT-S, DeiT-B, ViT-L shapes
     python benchmarks/lora_recovery.py --quick              # smoke run of the accuracy part (quality.py --quick data)
+    python benchmarks/lora_recovery.py --report-only        # rebuild results/lora_recovery.md from its JSON
 
 Accuracy part. quality.py's protocol and helpers (its cached dense model, data, schedule and short-search settings):
 every run is `CompressionTrainer` for `--steps` optimizer steps from the dense model, searching for the first half,
@@ -17,8 +18,8 @@ The search is the same (finetune="lora" bypasses the adapters while searching; t
 the losses are identical), which the table shows as identical top-1 before fine-tuning and identical shapes.
 Per run: top-1 of the exported model, top-1 right after the search, trainable parameters in the fine-tuning phase,
 bytes of gradients (summed before the optimizer step) and of optimizer state (after it) in that phase, and the
-median wall time of a fine-tuning step. On CPU the step's memory is the kernel's peak-RSS counter reset at the step's
-start minus the RSS then (activations, gradients and temporaries of that step), median over the phase.
+median wall time of a fine-tuning step (the JSON also holds the kernel's per-step peak-RSS figure, which on CPU
+follows the allocator more than the step's needs).
 
 Memory part (`--part memory`, meant for a GPU): DeiT-S / DeiT-B / ViT-L shapes (224 px, 1000 labels, random
 weights and synthetic images, batch `--batch-size`, bf16 autocast), OFB at 50%, `--search-steps` search steps then
@@ -77,6 +78,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="memory part")
     parser.add_argument("--name", default=None)
     parser.add_argument("--output-dir", default=str(C.RESULTS))
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the Markdown from the JSON")
     args = parser.parse_args(argv)
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
@@ -231,6 +233,7 @@ def accuracy_part(args, prov) -> dict:
             C.log(f"{method} {variant}: running ({qargs.steps} steps)")
             run = accuracy_run(method, variant, qargs, args, dense, make_train_set(args.seed), eval_set)
             results["runs"].append(run)
+            prov["wall_seconds"] = round(time.perf_counter() - STARTED, 1)
             C.log(f"{method} {variant}: top-1 {100 * run['accuracy']:.2f}% (after the search "
                   f"{100 * run['accuracy_before_finetune']:.2f}%), fine-tuning step {run['finetune_step_seconds']:.3f}"
                   f" s, trainable {run['trainable_in_finetuning']}")
@@ -239,7 +242,6 @@ def accuracy_part(args, prov) -> dict:
 
 
 def write_accuracy_report(results: dict, output_dir: Path, name: str) -> None:
-    results["provenance"]["wall_seconds"] = round(time.perf_counter() - STARTED, 1)
     C.write_json(output_dir / f"{name}.json", results)
     settings, dense = results["settings"], results["dense"]
     lines = [C.markdown_header("LoRA recovery vs full fine-tuning after the same search (CIFAR-10)",
@@ -254,16 +256,17 @@ def write_accuracy_report(results: dict, output_dir: Path, name: str) -> None:
         rows.append([run["method"], run["variant"], f"{100 * run['accuracy']:.2f}",
                      f"{100 * run['accuracy_before_finetune']:.2f}", f"{run['macs_ratio']:.3f}",
                      run["trainable_in_finetuning"], f"{run['finetune_gradient_mb']:.2f}",
-                     f"{run['finetune_optimizer_state_mb']:.2f}", f"{run['finetune_step_extra_mb']:.1f}",
-                     f"{1000 * run['finetune_step_seconds']:.0f}", run["shapes"]])
+                     f"{run['finetune_optimizer_state_mb']:.2f}", f"{1000 * run['finetune_step_seconds']:.0f}",
+                     run["shapes"]])
     lines.append(C.md_table(["method", "fine-tuning", "top-1 %", "top-1 % after the search", "MACs",
                              "trainable params (fine-tuning)", "gradients MB", "optimizer state MB",
-                             "step memory MB (RSS peak - start)", "step ms (median)", "shapes"], rows))
+                             "step ms (median)", "shapes"], rows))
     lines.append("\nFine-tuning phase only (steps after the search). gradients / optimizer state: bytes of the "
-                 "tensors, exact; step memory: kernel peak-RSS counter reset at each step's start minus the RSS "
-                 "then (includes activations and allocator behaviour; indicative). OFB's final masks keep learnable "
-                 "per-unit scales, so its gated q/k/v/fc1 weights still get a weight-sized product gradient in the "
-                 "LoRA phase.\n")
+                 "tensors, exact (the LoRA phase trains the adapters and the head; the weights and OFB's per-unit "
+                 "scales are frozen). The JSON also holds a per-step peak-RSS figure (`finetune_step_extra_mb`: the "
+                 "kernel's counter reset at each step's start, minus the RSS then); on CPU it follows the allocator "
+                 "more than the step's needs (0 MB for some runs), so it is left out here: "
+                 "lora_recovery_memory_gpu.md measures memory on a GPU.\n")
     (output_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
@@ -400,12 +403,12 @@ def memory_part(args, prov) -> dict:
             C.log(f"{shape} {run['variant']}: {run['finetune_peak_above_baseline_mb']:.0f} MB, "
                   f"{1000 * run['finetune_step_seconds']:.1f} ms/step")
         del exported
+        prov["wall_seconds"] = round(time.perf_counter() - STARTED, 1)
         write_memory_report(results, Path(args.output_dir), args.name)
     return results
 
 
 def write_memory_report(results: dict, output_dir: Path, name: str) -> None:
-    results["provenance"]["wall_seconds"] = round(time.perf_counter() - STARTED, 1)
     C.write_json(output_dir / f"{name}.json", results)
     settings = results["settings"]
     lines = [C.markdown_header("Fine-tuning after the search: LoRA vs full, memory and step time",
@@ -438,6 +441,11 @@ def main(argv=None) -> dict:
     if args.threads and args.device == "cpu":
         torch.set_num_threads(args.threads)
     prov = C.provenance([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    if args.report_only:
+        results = json.loads((Path(args.output_dir) / f"{args.name}.json").read_text())
+        (write_accuracy_report if args.part == "accuracy" else write_memory_report)(results, Path(args.output_dir),
+                                                                                      args.name)
+        return results
     results = accuracy_part(args, prov) if args.part == "accuracy" else memory_part(args, prov)
     C.log(f"wrote {Path(args.output_dir) / args.name}.json/.md")
     return results
