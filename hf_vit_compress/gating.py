@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -114,6 +114,7 @@ class GateHandle:
         self.enabled = True
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._gated_linears: list[nn.Linear] = []
+        self._mask_getters: dict[nn.Linear, Callable[[], torch.Tensor | None]] = {}
         self._swapped: list[tuple[nn.Module, str, nn.LayerNorm]] = []
         self._install()
 
@@ -139,6 +140,17 @@ class GateHandle:
         # An instance attribute shadows nn.Linear.forward; deleting it restores the class's forward.
         linear.forward = _gated_linear_forward(linear, mask_of)
         self._gated_linears.append(linear)
+        self._mask_getters[linear] = mask_of
+
+    def gates_output_of(self, linear: nn.Module) -> bool:
+        """Whether this handle gates `linear`'s output units (q/k/v projections and fc1)."""
+        return linear in self._mask_getters
+
+    def gate_like(self, linear: nn.Linear, gated: nn.Linear) -> None:
+        """Gate `linear`'s output units with `gated`'s mask (folded into its weight rows, like `gated`'s; undone by
+        `remove()`). For a Linear whose output is added to `gated`'s, such as a LoRA update's B: the dense model
+        then computes what the exported model, which keeps only the gated Linear's kept units, computes."""
+        self._gate_linear(linear, self._mask_getters[gated])
 
     def _layernorm_slots(self):
         for block in self.parts.blocks:
@@ -180,6 +192,7 @@ class GateHandle:
         for linear in self._gated_linears:
             del linear.forward
         self._gated_linears.clear()
+        self._mask_getters.clear()
         for parent, name, original in self._swapped:
             setattr(parent, name, original)
         self._swapped.clear()

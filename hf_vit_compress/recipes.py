@@ -484,7 +484,8 @@ def recipe_help() -> str:
         lines.append(f"{section}: ({cls.__name__})")
         for f in fields(cls):
             lines.append(f"  --{section}.{f.name}: {f.metadata.get('help', '')}")
-    lines.append("compression: (CompressionConfig; nested: --compression.ofb.arch_lr, --compression.uvc.dual_lr)")
+    lines.append("compression: (CompressionConfig; nested: --compression.ofb.arch_lr, --compression.uvc.dual_lr, "
+                 "--compression.lora.rank)")
     lines.append("  " + ", ".join(f.name for f in fields(CompressionConfig)))
     lines.append("training: every transformers.TrainingArguments field (--training.max_steps 5 or --max_steps 5)")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ and resume. Everything method-specific goes through `methods.base.CompressionMet
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from pathlib import Path
@@ -25,6 +26,7 @@ from .export import export_compressed_model
 from .gating import install_gates
 from .health import HealthCallback, TrainingHealth, check_trainer, model_tensors
 from .methods import CompressionMethod, build_method
+from .peft_support import LoRARecovery, unwrap_peft_model
 from .prepared import augmentation_keys
 from .targets import model_parts
 
@@ -46,7 +48,8 @@ class CompressionTrainer(ResumeChecks, Trainer):
 
     Args:
         model: a `ViTForImageClassification`, `DeiTForImageClassification` or
-            `DeiTForImageClassificationWithTeacher` (gates are added to it in place).
+            `DeiTForImageClassificationWithTeacher` (gates are added to it in place), or a `peft.PeftModel`
+            wrapping one with LoRA / IA3 adapters (merged into the weights first; `peft_support.py`).
         args: `transformers.TrainingArguments`.
         compression_config: what to compress to and with which method.
         teacher: optional frozen teacher (any image classifier with the same labels). UVC uses a frozen copy
@@ -70,6 +73,7 @@ class CompressionTrainer(ResumeChecks, Trainer):
     ):
         if model is None:
             raise ValueError("CompressionTrainer needs `model` (a ViT/DeiT image classifier)")
+        model = unwrap_peft_model(model)  # a PeftModel: its adapters merged into the weights (logged)
         if not isinstance(compression_config, CompressionConfig):
             raise ValueError(
                 f"CompressionTrainer needs compression_config=CompressionConfig(...), got {type(compression_config)}"
@@ -84,6 +88,11 @@ class CompressionTrainer(ResumeChecks, Trainer):
             teacher = frozen_teacher_copy(model)  # taken before gates exist: the dense model
         model.add_module(GATES_ATTRIBUTE, method)
         self.gate_handle = install_gates(model, method)
+        # finetune="lora": adapters injected now (inert until the search ends), so optimizer/DDP/checkpoints see them
+        self.lora_recovery = (
+            LoRARecovery(model, self.gate_handle, compression_config.lora, method)
+            if compression_config.finetune == "lora" else None
+        )
         # Scale-out: DDP must NOT search for unused parameters. Method losses use parameters outside the model's
         # forward (the PMIM decoder, alpha in the FLOPs loss), which find_unused_parameters=True reports as unused
         # and then fails on ("Expected to mark a variable ready only once"); and the Trainer's own default for a
@@ -140,6 +149,8 @@ class CompressionTrainer(ResumeChecks, Trainer):
         opt_model = self.model if model is None else model
         method = self.method
         method_parameters = {id(p) for p in method.parameters()}
+        lora = self.lora_recovery
+        method_parameters |= {id(p) for p in lora.parameters} if lora else set()  # in a group of their own
         decay = set(self.get_decay_parameter_names(opt_model))
         weights = [
             (n, p) for n, p in opt_model.named_parameters() if p.requires_grad and id(p) not in method_parameters
@@ -148,11 +159,23 @@ class CompressionTrainer(ResumeChecks, Trainer):
             {"params": [p for n, p in weights if n in decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in weights if n not in decay], "weight_decay": 0.0},
             *method.optimizer_groups(self.args.learning_rate),
+            *(lora.optimizer_groups(self.args.learning_rate, self.args.weight_decay) if lora else []),
         ]
         groups = [group for group in groups if group["params"]]
         optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
+
+    # -- step --------------------------------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        lora = self.lora_recovery
+        if lora is not None and self.method.search_finished:
+            # Under DDP the frozen weights keep requires_grad (DDP fails when a parameter stops getting gradients).
+            lora.begin_finetuning(self.optimizer, keep_requires_grad=self._is_data_parallel())
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if lora is not None:
+            lora.drop_inactive_gradients()  # before clipping and the optimizer step
+        return loss
 
     # -- loss --------------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -222,7 +245,9 @@ class CompressionTrainer(ResumeChecks, Trainer):
         """The really smaller `CompressedViTForImageClassification` (ends the search first if needed)."""
         self.finalize_architecture()
         model = self.accelerator.unwrap_model(self.model)
-        return export_compressed_model(model, self.method.export_architecture())
+        lora = self.lora_recovery
+        with lora.merged_into_weights() if lora else contextlib.nullcontext():  # a plain model, adapters merged
+            return export_compressed_model(model, self.method.export_architecture())
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """`Trainer.evaluate`, remembered for the model card (after the search: the compressed model's figures)."""
