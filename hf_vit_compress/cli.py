@@ -71,7 +71,7 @@ def _run_demo(arguments: argparse.Namespace) -> int:
 
 
 def _train_parser(subparsers) -> None:
-    from .recipes import recipe_help
+    from .recipe_help import recipe_help
 
     train = subparsers.add_parser(
         "train",
