@@ -40,6 +40,10 @@ def test_a_local_parquet_stream_is_counted_and_the_recipes_imagenet_count_is_rep
     assert report["recipe"]["data"]["num_train_examples"] == 1281167  # the recipe's value was in force ...
     assert report["num_train_examples"] == TRAIN_EXAMPLES  # ... and the data's size was used
     assert report["steps_per_epoch"] == 4 and report["steps"] == 4
+    # the search plot and its numbers beside the report
+    assert report["search_plot"] == str(output_dir / "bimask_evolution.png")
+    assert (output_dir / "bimask_evolution.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((output_dir / "history.json").read_text())[-1]["step"] == 4
     warnings = [r.getMessage() for r in caplog.records if "num_train_examples" in r.getMessage()]
     assert len(warnings) == 1
     assert "data.num_train_examples=1281167 disagrees" in warnings[0] and f"has {TRAIN_EXAMPLES}" in warnings[0]
