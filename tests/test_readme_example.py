@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+from conftest import make_vit_classifier
+from test_cli import write_parquet_shards
+
+from hf_vit_compress.cli import main
 from hf_vit_compress.publish import check_publishable
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -49,3 +54,40 @@ def test_the_python_api_example_runs_as_written(tmp_path, monkeypatch, capsys):
     assert re.search(r"\[\{'label': '\d', 'score': [0-9.e-]+\}", result.stdout)  # the snippet's print
     module = json.loads(result.stdout.split("RESULT ", 1)[1])
     assert module.startswith("transformers_modules")  # the model class came from the folder's own code
+
+
+def readme_smoke_command() -> list[str]:
+    """The CLI section's smoke-test command (the bash block running `train --recipe deit_tiny_ofb`), as argv."""
+    text = README.read_text()
+    section = text[text.index("\n## CLI\n"):text.index("\n## ", text.index("\n## CLI\n") + 1)]
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S) if "--recipe deit_tiny_ofb" in b)
+    return shlex.split(block.replace("\\\n", " "), comments=True)
+
+
+def test_the_readme_smoke_command_runs(tmp_path, monkeypatch):
+    """Run as written except what cannot exist here, and only that: the recipe's Hub model becomes a tiny local one
+    (an added --model.model_name_or_path), the CIFAR-10 files become test_cli.py's shards (5 classes), and
+    output_dir a temporary folder."""
+    argv = readme_smoke_command()
+    assert argv[:4] == ["hf-vit-compress", "train", "--recipe", "deit_tiny_ofb"]
+    make_vit_classifier().save_pretrained(tmp_path / "tiny_vit")
+    (tmp_path / "data").mkdir()
+    files = write_parquet_shards(tmp_path / "data")
+    substitutes = {"--data.train_files": files["train"], "--data.eval_files": files["validation"],
+                   "--training.output_dir": [str(tmp_path / "out")]}
+    args, index = [], 1
+    while index < len(argv):
+        token = argv[index]
+        args.append(token)
+        index += 1
+        if token in substitutes:
+            while index < len(argv) and not argv[index].startswith("--"):
+                index += 1  # the README's values of this option
+            args += substitutes.pop(token)
+    assert not substitutes, f"the README command no longer sets {sorted(substitutes)}"
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, "--model.model_name_or_path", str(tmp_path / "tiny_vit")]) == 0
+    report = json.loads((tmp_path / "out" / "compression_report.json").read_text())
+    assert report["steps"] == 6
+    assert report["compressed_macs"] <= report["target_flops"] * report["dense_macs"]
+    assert 0.0 <= report["compressed_accuracy"] <= 1.0
