@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 
 MAX_HELP = 110  # characters of help per line
@@ -70,6 +71,13 @@ def docstring_arguments(cls) -> dict[str, str]:
     return described
 
 
+def nested_sections(cls) -> dict[str, type]:
+    """Fields of dataclass `cls` that are dataclasses themselves (CompressionConfig's `ofb`, `uvc`, ...)."""
+    hints = typing.get_type_hints(cls)
+    return {field.name: hints[field.name] for field in dataclasses.fields(cls)
+            if dataclasses.is_dataclass(hints.get(field.name))}
+
+
 def _lines(prefix: str, cls, describe) -> list[str]:
     lines = []
     hints = typing.get_type_hints(cls)
@@ -86,7 +94,7 @@ def recipe_help() -> str:
     `compression.ofb.*` / `compression.uvc.*`) and training sections, one line each with the class default."""
     from transformers import TrainingArguments
 
-    from .config import CompressionConfig, OFBConfig, UVCConfig
+    from .config import CompressionConfig
     from .recipes import DataArguments, ModelArguments
 
     def metadata_help(field):
@@ -96,11 +104,13 @@ def recipe_help() -> str:
         ("model", ModelArguments, metadata_help, "which model to compress"),
         ("data", DataArguments, metadata_help, "which images to train and evaluate on"),
         ("compression", CompressionConfig, None, "budget and method"),
-        ("compression.ofb", OFBConfig, None, "OFB's settings, used with method ofb"),
-        ("compression.uvc", UVCConfig, None, "UVC's settings, used with method uvc"),
-        ("training", TrainingArguments, metadata_help,
-         "transformers.TrainingArguments; a bare --name works too, e.g. --max_steps 5"),
     ]
+    compression_docs = docstring_arguments(CompressionConfig)
+    for name, cls in nested_sections(CompressionConfig).items():  # ofb, uvc, ... with their own Args: docs
+        what = re.sub(r"\s*\(`\w+`\)", "", _first_sentence(compression_docs.get(name, ""))).rstrip(".")
+        sections.append((f"compression.{name}", cls, None, what))
+    sections.append(("training", TrainingArguments, metadata_help,
+                     "transformers.TrainingArguments; a bare --name works too, e.g. --max_steps 5"))
     lines = ["fields (the defaults below are the classes'; a recipe sets many of them):"]
     for prefix, cls, describe, what in sections:
         if describe is None:
@@ -111,4 +121,4 @@ def recipe_help() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["docstring_arguments", "recipe_help"]
+__all__ = ["docstring_arguments", "nested_sections", "recipe_help"]
