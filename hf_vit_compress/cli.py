@@ -71,7 +71,7 @@ def _run_demo(arguments: argparse.Namespace) -> int:
 
 
 def _train_parser(subparsers) -> None:
-    from .recipes import recipe_help
+    from .recipe_help import recipe_help
 
     train = subparsers.add_parser(
         "train",
@@ -99,7 +99,8 @@ def _run_train(arguments: argparse.Namespace, overrides: list[str]) -> int:
         summary["eval_accuracy"] = report["metrics"].get("eval_accuracy")
         summary.update({key: report[key] for key in ("dense_accuracy", "compressed_accuracy") if key in report})
         print(json.dumps(summary))
-        print(f"wrote {report['compressed_model']} and {setup.training.output_dir}/compression_report.json")
+        print(f"wrote {report['compressed_model']}, {setup.training.output_dir}/compression_report.json and the "
+              f"search plot {report.get('search_plot')}")
     return 0
 
 

@@ -312,7 +312,7 @@ class CompressionConfig(_Validated):
             (1.0 = search only).
         distillation_alpha: weight a of the teacher's soft KL in (1 - a) * CE + a * T^2 * KL, when a teacher is
             used (always for UVC: by default a frozen copy of the dense model; for OFB only if `teacher=` is given).
-        distillation_temperature: T.
+        distillation_temperature: temperature T of the teacher's and student's softened softmaxes.
         finetune: how the steps after the search fine-tune the fixed architecture: `"full"` (every weight) or
             `"lora"` (LoRA adapters on the frozen weights, settings in `lora`; needs the `peft` extra), merged into
             the exported model.

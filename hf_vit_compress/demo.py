@@ -26,7 +26,7 @@ from .flops import count_macs, count_params
 from .methods import build_method
 from .metrics import evaluate_classifier
 from .publish import compression_report, save_compressed_model
-from .report import plot_bimask_evolution, plot_uvc_search
+from .report import PLOT_FILES, plot_search
 from .trainer import CompressionTrainer
 
 
@@ -192,11 +192,7 @@ def run_demo(settings: DemoSettings) -> dict:
                           processor=image_processor_for_transform(eval_transform))
     (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (output_dir / "history.json").write_text(json.dumps(trainer.compression_history) + "\n")
-    _plot(trainer.compression_history, settings.method, output_dir)
+    plot_search(trainer.compression_history, settings.method, output_dir / PLOT_FILES[settings.method],
+                target_ratio=config.target_ratio(dense_macs), architecture=report["architecture"],
+                final_macs_ratio=report["compressed_macs_ratio"])
     return report
-
-
-def _plot(history: list[dict], method: str, output_dir: Path) -> Path:
-    if method == "ofb":
-        return plot_bimask_evolution(history, output_dir / "bimask_evolution.png")
-    return plot_uvc_search(history, output_dir / "search_evolution.png")

@@ -78,8 +78,10 @@ class DataArguments:
     label_column: str = field(default="label", metadata={"help": "column holding integer class indices"})
     num_train_examples: int | None = field(
         default=None,
-        metadata={"help": "training examples per epoch; streams need it (or training.max_steps) to turn epochs into "
-                          "steps and for per-epoch schedules (OFB eliminates candidates 3 times per epoch)"},
+        metadata={"help": "training examples per epoch of a stream of unknown size (used to turn epochs into steps "
+                          "and for per-epoch schedules: OFB eliminates candidates 3 times per epoch); when the size is "
+                          "known (map-style data, local parquet files, Hub metadata) that is used, with a warning if "
+                          "this disagrees"},
     )
     shuffle_buffer_size: int = field(default=10_000, metadata={"help": "examples in the stream's shuffle buffer"})
     shuffle_buffer_input_shards: int | None = field(
@@ -88,7 +90,9 @@ class DataArguments:
                           "in threads; 1 reads one at a time, without the few-second pause at the end of a pass)"},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training examples"})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N examples only"})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "evaluate on the first N examples only (a quick smoke run: 64)"}
+    )
     eval_metrics: list[str] | None = field(
         default=None,
         metadata={"help": "further `evaluate` metrics (a local module path, or a Hub name when online) computed on "
@@ -475,20 +479,6 @@ def setup_from_args(recipe: str | Path, extra: list[str] | None = None) -> Train
     """`--recipe FILE` + override tokens -> `TrainSetup` (what `hf-vit-compress train` does before training)."""
     merged = apply_overrides(load_recipe(recipe), parse_overrides(list(extra or [])))
     return build_setup(merged)
-
-
-def recipe_help() -> str:
-    """Field list for `hf-vit-compress train --help`."""
-    lines = []
-    for section, cls in (("model", ModelArguments), ("data", DataArguments)):
-        lines.append(f"{section}: ({cls.__name__})")
-        for f in fields(cls):
-            lines.append(f"  --{section}.{f.name}: {f.metadata.get('help', '')}")
-    lines.append("compression: (CompressionConfig; nested: --compression.ofb.arch_lr, --compression.uvc.dual_lr, "
-                 "--compression.lora.rank)")
-    lines.append("  " + ", ".join(f.name for f in fields(CompressionConfig)))
-    lines.append("training: every transformers.TrainingArguments field (--training.max_steps 5 or --max_steps 5)")
-    return "\n".join(lines)
 
 
 __all__ = [

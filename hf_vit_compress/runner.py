@@ -6,11 +6,17 @@ the overrides live in `recipes.py`.
 
 from __future__ import annotations
 
+import glob
 import json
 import math
+import os
 from pathlib import Path
 
+from transformers.utils import logging
+
 from .recipes import DataArguments, TrainSetup
+
+logger = logging.get_logger(__name__)
 
 
 def _resample(processor):
@@ -72,6 +78,78 @@ def _take(dataset, count: int | None):
     return dataset.select(range(min(count, len(dataset))))
 
 
+def _parquet_rows(files) -> int | None:
+    """Rows in local parquet files (globs expanded), read from their footers without decoding anything; None when
+    a file is remote or missing."""
+    import pyarrow.parquet as parquet
+
+    paths = []
+    for pattern in files:
+        matches = sorted(glob.glob(os.path.expanduser(str(pattern))))
+        if not matches:
+            return None
+        paths += matches
+    try:
+        return sum(parquet.read_metadata(path).num_rows for path in paths)
+    except (OSError, ValueError):
+        return None
+
+
+def training_examples(dataset, data: DataArguments) -> int | None:
+    """How many examples one epoch of the training data has, when that is known without reading it: `len()` of
+    map-style data; for a stream, the split size in the dataset's metadata or the row counts of local parquet
+    files; capped by `data.max_train_samples`. None when unknown (a remote stream without metadata)."""
+    try:
+        count = len(dataset)
+    except TypeError:  # a stream
+        splits = getattr(getattr(dataset, "info", None), "splits", None) or {}
+        split = splits.get(data.train_split) if hasattr(splits, "get") else None
+        count = getattr(split, "num_examples", None) or None
+        if count is None and data.train_files and data.dataset_name == "parquet":
+            count = _parquet_rows(data.train_files)
+    if count is not None and data.max_train_samples is not None:
+        count = min(count, data.max_train_samples)
+    return count
+
+
+def _examples_per_epoch(train_raw, data: DataArguments) -> int | None:
+    """The training set's size when known (warning when `data.num_train_examples` says otherwise), else the count
+    the recipe gives (`num_train_examples`, or `max_train_samples` for a stream)."""
+    known = training_examples(train_raw, data)
+    if known is not None:
+        if data.num_train_examples is not None and data.num_train_examples != known:
+            logger.warning(f"data.num_train_examples={data.num_train_examples} disagrees with the training data, "
+                           f"which has {known} examples: epochs and per-epoch schedules use {known}")
+        return known
+    if data.num_train_examples is not None:
+        return data.num_train_examples
+    return data.max_train_samples if data.streaming else None
+
+
+def available_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def cap_dataloader_workers(args) -> None:
+    """Lower `args.dataloader_num_workers` to the cores each local process gets (cores // processes on this
+    machine), with a log line: more workers than cores only time-slice the same cores (8 workers made a 6-step CPU
+    run 14 times slower on 2 cores)."""
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cores = available_cpus()
+    limit = cores // local_processes
+    if args.dataloader_num_workers > limit:
+        logger.warning(f"training.dataloader_num_workers={args.dataloader_num_workers} capped at {limit}: this "
+                       f"machine gives {cores} CPU cores to {local_processes} local process(es)")
+        args.dataloader_num_workers = limit
+        if limit == 0:  # DataLoader rejects these without worker processes
+            args.dataloader_prefetch_factor = None
+            args.dataloader_persistent_workers = False
+
+
 def _eval_dataset_card(data: DataArguments, count: int | None) -> dict:
     """How the card names the evaluation data: a Hub dataset by its id (also in the model-index), local files by
     their builder (no model-index entry: they have no id to point to)."""
@@ -127,6 +205,7 @@ def run_recipe(setup: TrainSetup) -> dict:
 
     m, d, t, c = setup.model, setup.data, setup.training, setup.compression
     set_seed(t.seed)
+    cap_dataloader_workers(t)
 
     # -- data (first: the label count decides the classifier head) ---------------------------------------------
     train_raw = _load_split(d, d.train_split, d.train_files, d.streaming)
@@ -175,10 +254,9 @@ def run_recipe(setup: TrainSetup) -> dict:
                                      d.label_column, num_labels, skip_undecodable_images=d.skip_undecodable_images)
 
     # -- steps: a stream has no length, so epochs become steps through the example count -----------------------
+    # Map-style data: the Trainer counts its batches itself. A stream: from its known size or the recipe's count.
     steps_per_epoch = None
-    examples = d.num_train_examples
-    if examples is None and d.max_train_samples is not None and d.streaming:
-        examples = d.max_train_samples
+    examples = _examples_per_epoch(train_raw, d)
     if d.streaming and examples is not None:
         global_batch = t.per_device_train_batch_size * t.world_size * t.gradient_accumulation_steps
         steps_per_epoch = max(1, math.ceil(examples / global_batch))
@@ -228,14 +306,26 @@ def run_recipe(setup: TrainSetup) -> dict:
         **compression_report(trainer),
         "model": m.model_name_or_path,
         "steps_per_epoch": int(trainer.method.steps_per_epoch),
+        "num_train_examples": examples,  # per epoch, as used (None: a stream of unknown size run by max_steps)
         "metrics": metrics,
         "skipped_images": skipped,  # undecodable images skipped (data.skip_undecodable_images), summed over processes
         "compressed_model": str(output_dir),
     }
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", metrics)
+        report["search_plot"] = str(_write_search_plot(trainer.compression_history, report, Path(t.output_dir)))
         (Path(t.output_dir) / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _write_search_plot(history: list[dict], report: dict, output_dir: Path) -> Path:
+    """The search's history (`history.json`) and its plot (`report.PLOT_FILES`), beside compression_report.json."""
+    from .report import PLOT_FILES, plot_search
+
+    (output_dir / "history.json").write_text(json.dumps(history) + "\n")
+    return plot_search(history, report["method"], output_dir / PLOT_FILES[report["method"]],
+                       target_ratio=report["target_flops"], architecture=report["architecture"],
+                       final_macs_ratio=report["compressed_macs_ratio"])
 
 
 __all__ = ["run_recipe"]

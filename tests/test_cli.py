@@ -56,7 +56,8 @@ def write_parquet_shards(folder: Path, image_size: int = 20) -> dict[str, list[s
 def assets(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli_assets")
     make_vit_classifier().save_pretrained(folder / "tiny_vit")
-    return {"model": str(folder / "tiny_vit"), **write_parquet_shards(folder)}
+    (folder / "data").mkdir()
+    return {"model": str(folder / "tiny_vit"), **write_parquet_shards(folder / "data")}
 
 
 def tiny_overrides(assets, output_dir: Path) -> list[str]:
@@ -89,8 +90,8 @@ def test_every_recipe_runs_with_tiny_overrides(recipe, assets, tmp_path, capsys)
         pytest.skip(reason)
     output_dir = tmp_path / "out"
     steps = ["--training.max_steps", "2"]
-    if recipe == "deit_small_ofb":  # a stream has no length: epochs become steps through num_train_examples
-        steps = ["--training.num_train_epochs", "1", "--data.num_train_examples", "8"]
+    if recipe == "deit_small_ofb":  # a stream: epochs become steps through its size (counted in the parquet files)
+        steps = ["--training.num_train_epochs", "1", "--data.max_train_samples", "8"]
     code = main(["train", "--recipe", recipe, *tiny_overrides(assets, output_dir), *steps])
     assert code == 0
     out = capsys.readouterr().out  # the Trainer's log lines, then the CLI's one-line JSON summary
@@ -152,7 +153,11 @@ def test_budget_out_of_the_search_space_is_one_line(assets, tmp_path, capsys):
 
 
 def test_stream_without_length_or_steps_is_an_error(assets, tmp_path, capsys):
+    """A stream whose size nothing tells (here a dataset folder, whose files the CLI does not count; on the Hub, a
+    dataset without split metadata) needs a step count or an example count."""
+    folder = Path(assets["train"][0]).parent
     code = main(["train", "--recipe", "deit_small_ofb", *tiny_overrides(assets, tmp_path),
+                 "--data.dataset_name", str(folder), "--data.train_files", "null", "--data.eval_files", "null",
                  "--data.num_train_examples", "null"])
     assert code == 2
     assert "needs training.max_steps > 0 or data.num_train_examples" in capsys.readouterr().err
@@ -193,7 +198,7 @@ def test_accelerate_launch_two_processes(assets, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "hf_vit_compress", "train", "--recipe", "deit_small_ofb", *tiny_overrides(assets, output_dir),
-               "--training.num_train_epochs", "2", "--data.num_train_examples", "8"]
+               "--training.num_train_epochs", "2", "--data.max_train_samples", "8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

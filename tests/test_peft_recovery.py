@@ -69,7 +69,8 @@ def logits_of(model, pixel_values) -> torch.Tensor:
         ({"lora": {"target_modules": ["query"]}}, r"CompressionConfig\.lora\.target_modules=\['query'\] is invalid: "
                                                   r"allowed a non-empty list without repeats from \['q_proj'"),
         ({"lora": {"target_modules": []}}, r"CompressionConfig\.lora\.target_modules=\[\] is invalid"),
-        ({"lora": {"learning_rate": 0}}, r"CompressionConfig\.lora\.learning_rate=0(\.0)? is invalid: allowed None or > 0"),
+        ({"lora": {"learning_rate": 0}},
+         r"CompressionConfig\.lora\.learning_rate=0(\.0)? is invalid: allowed None or > 0"),
         ({"lora": {"rnk": 4}}, r"CompressionConfig\.lora: unknown field\(s\) \['rnk'\]; allowed: \['alpha'"),
     ],
 )
