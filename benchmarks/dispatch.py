@@ -1,0 +1,550 @@
+"""Dispatched operators and host-device synchronisations per optimizer step: plain fine-tuning step vs OFB / UVC
+search step of the same model, measurable on any machine (no GPU needed).
+
+    python benchmarks/dispatch.py                 # DeiT-S shape + the demo's tiny ViT, plain / ofb / uvc
+    python benchmarks/dispatch.py --quick         # smoke run (demo's tiny ViT, few steps)
+    python benchmarks/dispatch.py --device cuda   # on a GPU: also counts the syncs CUDA itself reports
+
+Method:
+
+* One `transformers.Trainer` run per (model, kind): kind = plain (`Trainer` on the dense model), ofb / uvc
+  (`CompressionTrainer`, `search_fraction=1.0`: every step is a search step). Same model, batch, AdamW, synthetic
+  in-memory data, `logging_steps` (so some steps log and some do not). Op counts do not depend on the batch size,
+  so a small batch (2) is used.
+* Every aten operator that reaches the dispatcher's Python key is counted by a
+  `torch.utils._python_dispatch.TorchDispatchMode` (forward, backward, optimizer, the method's updates, the
+  Trainer's own bookkeeping), and attributed to the optimizer step in progress: a step runs from its `on_step_begin`
+  to the next one's (so a step's logging and the fetch of the next batch belong to it). Ops run inside another op
+  (a composite's decomposition, a foreach kernel's per-tensor loop) are not counted again.
+* Host-device synchronisations: on a CPU there is none, so the operations that synchronise on CUDA are counted:
+  `_local_scalar_dense` (`.item()`, `float()`, `int()`, `bool()` of a tensor, `if tensor:`), `nonzero`,
+  `masked_select`, indexing or index assignment with a boolean mask, `unique*`, `repeat_interleave` without
+  `output_size`, `equal`, `is_nonzero`, copies that cross devices; and, patched in Python for the count,
+  `Tensor.tolist()`, `.numpy()`, `.cpu()`, `.to("cpu")` (spelled as a string: on a CPU run the training device
+  is "cpu" too, and `.to(training_device)` copies nothing on a GPU), and `torch.tensor(data, device=...)`
+  / `torch.as_tensor(data, device=...)` from host data (a blocking host-to-device copy on CUDA). Each is recorded
+  with its call site (the innermost frame outside torch). With `--device cuda`, `torch.cuda.set_sync_debug_mode`
+  additionally counts the syncs CUDA reports (`cuda_reported_syncs`). The Trainer moving each batch to the device
+  is not counted (it is the same for every kind, and `accelerator_config={"non_blocking": True}` with pinned
+  memory makes it asynchronous).
+* Optimizer dispatch: on CUDA, AdamW and gradient clipping use the foreach kernels (one op per kind of update for
+  all parameters); on a CPU they loop over parameters (about ten ops per parameter), which would make the plain step
+  look several times bigger than it is on a GPU. `--optimizer-dispatch cuda-like` (default) lets the CPU take the
+  same foreach path as CUDA (torch's list of foreach devices is extended with "cpu" for the run); `native` keeps
+  the CPU's own path. Both are recorded when given as a list.
+* Steps: the first `--warmup` are excluded (optimizer state creation); the others are classified as logging steps
+  (the Trainer logged during them), elimination steps (OFB switches off candidates every
+  `steps_per_epoch / eliminations_per_epoch` steps; one sync there is allowed), the step that ends the search
+  (`finalize()`, decisions in Python) and plain steps ("steady"). The headline is the median op count of steady
+  steps and its ratio to the plain Trainer's, and the largest number of syncs in any steady step.
+* Region of each op: the Trainer phase it ran in (forward+loss, backward, grad norm, optimizer, callbacks with the
+  method's updates, log/save, data, other), and, for ops issued from this package, the function that issued them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+aten = torch.ops.aten
+MODELS = ("deit-small", "demo-tiny")
+KINDS = ("plain", "ofb", "uvc")
+PACKAGE_DIR = os.sep + "hf_vit_compress" + os.sep
+TORCH_DIR = os.path.dirname(torch.__file__)
+THIS_FILE = os.path.abspath(__file__)
+
+#: aten ops that always synchronise the host with a CUDA device (they need a value or a size from the device)
+SYNC_OPS = {
+    aten._local_scalar_dense.default: "item/float/int/bool of a tensor",
+    aten.is_nonzero.default: "is_nonzero",
+    aten.equal.default: "torch.equal",
+    aten.nonzero.default: "nonzero",
+    aten.nonzero.out: "nonzero",
+    aten.masked_select.default: "masked_select",
+    aten._unique.default: "unique",
+    aten._unique2.default: "unique",
+    aten.unique_dim.default: "unique",
+    aten.unique_consecutive.default: "unique",
+}
+#: index ops that synchronise when an index is a boolean mask (it is turned into positions with nonzero)
+INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+#: repeat_interleave with a tensor of repeats needs their sum (the output size) unless output_size is given
+REPEAT_OPS = {aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor}
+COPY_OPS = {aten._to_copy.default, aten.copy_.default}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: the demo's tiny ViT, 9 steps")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run (warm-up included)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--logging-steps", type=int, default=5)
+    parser.add_argument("--eliminations-every", type=int, default=7,
+                        help="OFB eliminates every this many steps (steps_per_epoch = 3 x this)")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--target-flops", type=float, default=0.5)
+    parser.add_argument("--optimizer-dispatch", default="cuda-like,native",
+                        help="comma list of cuda-like (foreach AdamW and clipping, as on CUDA) and native")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (TrainingArguments(bf16=True))")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
+    parser.add_argument("--name", default=None)
+    parser.add_argument("--output-dir", default=str(C.RESULTS))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.models = "demo-tiny"
+        args.steps, args.logging_steps, args.eliminations_every = 9, 4, 3
+        args.optimizer_dispatch = "cuda-like"
+    args.name = args.name or ("dispatch_quick" if args.quick else "dispatch")
+    for value in args.optimizer_dispatch.split(","):
+        if value not in ("cuda-like", "native"):
+            parser.error(f"--optimizer-dispatch {value!r}: allowed cuda-like, native (comma-separated)")
+    for value in args.kinds.split(","):
+        if value not in KINDS:
+            parser.error(f"--kinds {value!r}: allowed {', '.join(KINDS)}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Counting
+# ---------------------------------------------------------------------------------------------------------------
+def _call_site(skip_torch: bool = True) -> str:
+    """file:line function of the innermost frame outside torch and this script."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not (filename.startswith(TORCH_DIR) and skip_torch) and os.path.abspath(filename) != THIS_FILE:
+            return f"{_short(filename)}:{frame.f_lineno} {frame.f_code.co_name}"
+        frame = frame.f_back
+    return "?"
+
+
+def _package_function() -> str | None:
+    """The innermost function of this package on the Python stack (None: the op came from elsewhere)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if PACKAGE_DIR in filename:
+            return f"{_short(filename)}:{frame.f_code.co_name}"
+        frame = frame.f_back
+    return None
+
+
+def _short(filename: str) -> str:
+    for marker in (PACKAGE_DIR, os.sep + "transformers" + os.sep, os.sep + "accelerate" + os.sep):
+        if marker in filename:
+            return marker.strip(os.sep) + "/" + filename.split(marker, 1)[1]
+    return os.path.basename(filename)
+
+
+class StepCounter(TorchDispatchMode):
+    """Counts dispatched aten ops and the sync-prone ones, per step and per region."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps: list[dict] = []
+        self.current = self._new_step(-1)
+        self.regions: list[str] = []
+        self.paused = 0
+
+    @staticmethod
+    def _new_step(index: int) -> dict:
+        return {"index": index, "ops": 0, "op_names": collections.Counter(), "regions": collections.Counter(),
+                "package_functions": collections.Counter(), "syncs": 0, "sync_sites": collections.Counter(),
+                "flags": set()}
+
+    def begin_step(self, index: int) -> None:
+        self.current = self._new_step(index)
+        self.steps.append(self.current)
+
+    def region(self) -> str:
+        return self.regions[-1] if self.regions else "other"
+
+    def record_sync(self, what: str) -> None:
+        if self.paused:
+            return
+        self.current["syncs"] += 1
+        self.current["sync_sites"][f"{what} @ {_call_site()}"] += 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.paused:
+            step = self.current
+            step["ops"] += 1
+            step["op_names"][str(func.overloadpacket.__name__)] += 1
+            step["regions"][self.region()] += 1
+            function = _package_function()
+            if function is not None:
+                step["package_functions"][function] += 1
+            reason = self._sync_reason(func, args, kwargs)
+            if reason is not None:
+                self.record_sync(reason)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _sync_reason(func, args, kwargs) -> str | None:
+        if func in SYNC_OPS:
+            return SYNC_OPS[func]
+        if func in INDEX_OPS:
+            indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+            if any(t is not None and t.dtype in (torch.bool, torch.uint8) for t in indices):
+                return "boolean-mask indexing"
+        if func in REPEAT_OPS and kwargs.get("output_size") is None:
+            return "repeat_interleave without output_size"
+        if func in COPY_OPS:
+            source = args[1] if func is aten.copy_.default else args[0]
+            target = args[0].device if func is aten.copy_.default else kwargs.get("device")
+            if target is not None and isinstance(source, torch.Tensor) and torch.device(target) != source.device:
+                return f"copy {source.device.type}->{torch.device(target).type}"
+        return None
+
+
+@contextlib.contextmanager
+def patched_python_syncs(counter: StepCounter):
+    """Count the Python-side reads that sync on CUDA but dispatch nothing on a CPU."""
+    originals = {}
+
+    def wrap(owner, name, reason_of):
+        original = getattr(owner, name)
+        originals[(owner, name)] = original
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            reason = reason_of(*args, **kwargs)
+            if reason is not None:
+                counter.record_sync(reason)
+            return original(*args, **kwargs)
+
+        setattr(owner, name, wrapper)
+
+    def to_reason(tensor, *args, **kwargs):
+        # Only a literal "cpu" string: on this CPU run the training device is a torch.device("cpu") too, and
+        # `.to(training_device)` is no copy on a GPU.
+        target = kwargs.get("device", args[0] if args else None)
+        if isinstance(target, str) and torch.device(target).type == "cpu":
+            return 'Tensor.to("cpu")'
+        return None
+
+    def new_tensor_reason(data, *args, **kwargs):
+        if kwargs.get("device") is not None and not isinstance(data, torch.Tensor):
+            return "torch.tensor(host data, device=...)"
+        return None
+
+    wrap(torch.Tensor, "tolist", lambda *a, **k: "Tensor.tolist")
+    wrap(torch.Tensor, "numpy", lambda *a, **k: "Tensor.numpy")
+    wrap(torch.Tensor, "cpu", lambda *a, **k: "Tensor.cpu")
+    wrap(torch.Tensor, "to", to_reason)
+    wrap(torch, "tensor", new_tensor_reason)
+    wrap(torch, "as_tensor", new_tensor_reason)
+    try:
+        yield
+    finally:
+        for (owner, name), original in originals.items():
+            setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def optimizer_dispatch(mode: str):
+    """`cuda-like`: let AdamW and gradient clipping take CUDA's foreach path on this CPU too."""
+    if mode != "cuda-like":
+        yield
+        return
+    import torch.optim.optimizer as optimizer_module
+    import torch.utils._foreach_utils as foreach_utils
+
+    original = foreach_utils._get_foreach_kernels_supported_devices
+
+    def with_cpu() -> list[str]:
+        return [*original(), "cpu"]
+
+    foreach_utils._get_foreach_kernels_supported_devices = with_cpu
+    optimizer_module._get_foreach_kernels_supported_devices = with_cpu
+    try:
+        yield
+    finally:
+        foreach_utils._get_foreach_kernels_supported_devices = original
+        optimizer_module._get_foreach_kernels_supported_devices = original
+
+
+def in_region(counter: StepCounter, name: str, function):
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        counter.regions.append(name)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            counter.regions.pop()
+
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run
+# ---------------------------------------------------------------------------------------------------------------
+def build_model(name: str):
+    if name == "demo-tiny":
+        from transformers import ViTForImageClassification
+
+        from hf_vit_compress.demo import tiny_vit_config
+
+        torch.manual_seed(0)
+        return ViTForImageClassification(tiny_vit_config())
+    return C.dense_vit(C.DEIT_SHAPES["deit-small"], seed=0)
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    def __init__(self, size: int, image_size: int, num_labels: int):
+        generator = torch.Generator().manual_seed(0)
+        self.pixels = torch.randn(min(size, 16), 3, image_size, image_size, generator=generator)
+        self.labels = torch.randint(0, num_labels, (size,), generator=generator).tolist()  # host data: no reads
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {"pixel_values": self.pixels[index % len(self.pixels)], "labels": self.labels[index]}
+
+
+def run_one(args, model_name: str, kind: str, dispatch_mode: str) -> dict:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from hf_vit_compress import CompressionConfig, CompressionTrainer
+    from hf_vit_compress.data import collate_images
+
+    torch.manual_seed(0)
+    model = build_model(model_name).to(args.device).train()
+    dataset = SyntheticImages(args.batch_size * args.steps, model.config.image_size, model.config.num_labels)
+    counter = StepCounter()
+    cuda_syncs = collections.Counter()
+
+    class Count(TrainerCallback):
+        """First in the callback list: opens a step before the method's own on_step_begin runs."""
+
+        def on_step_begin(self, _args, state, control, **kwargs):
+            counter.begin_step(state.global_step)
+            method = getattr(trainer, "method", None) if kind != "plain" else None
+            if method is not None:
+                counter.paused += 1  # reading the method's state here is bookkeeping, not the step's work
+                try:
+                    if not method.search_finished:
+                        if kind == "ofb" and (state.global_step + 1) % method.elimination_interval() == 0:
+                            counter.current["flags"].add("elimination")
+                        if state.global_step + 1 >= method.total_search_steps:
+                            counter.current["flags"].add("search end")
+                        if kind == "uvc" and method.in_skip_warmup:
+                            counter.current["flags"].add("uvc skip warm-up")
+                finally:
+                    counter.paused -= 1
+
+        def on_log(self, _args, state, control, logs=None, **kwargs):
+            counter.current["flags"].add("logging")
+
+    with tempfile.TemporaryDirectory(prefix="dispatch-") as tmp:
+        training_args = TrainingArguments(
+            output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=1e-4,
+            lr_scheduler_type="constant", save_strategy="no", report_to=[], logging_steps=args.logging_steps,
+            seed=0, use_cpu=args.device == "cpu", bf16=args.bf16, disable_tqdm=True, dataloader_num_workers=0,
+            remove_unused_columns=False,
+        )
+        if kind == "plain":
+            trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate_images)
+        else:
+            config = CompressionConfig(method=kind, target_flops=args.target_flops, search_fraction=1.0)
+            trainer = CompressionTrainer(model=model, args=training_args, compression_config=config,
+                                         train_dataset=dataset, data_collator=collate_images,
+                                         steps_per_epoch=3 * args.eliminations_every)
+        trainer.callback_handler.callbacks.insert(0, Count())
+        # regions: the Trainer's phases (instance attributes shadow the class's methods)
+        trainer.compute_loss = in_region(counter, "forward+loss", trainer.compute_loss)
+        trainer.accelerator.backward = in_region(counter, "backward", trainer.accelerator.backward)
+        trainer._clip_grad_norm = in_region(counter, "grad norm", trainer._clip_grad_norm)
+        trainer._get_grad_norm = in_region(counter, "grad norm", trainer._get_grad_norm)
+        trainer._maybe_log_save_evaluate = in_region(counter, "log/save", trainer._maybe_log_save_evaluate)
+        trainer.get_batch_samples = in_region(counter, "data", trainer.get_batch_samples)
+        handler = trainer.callback_handler
+        handler.call_event = lambda event, *a, **k: in_region(counter, f"callback {event}",
+                                                              type(handler).call_event)(handler, event, *a, **k)
+        from torch.optim import optimizer as optimizer_module
+
+        hooks = [
+            optimizer_module.register_optimizer_step_pre_hook(lambda *a: counter.regions.append("optimizer")),
+            optimizer_module.register_optimizer_step_post_hook(lambda *a: counter.regions.pop()),
+        ]
+        sync_debug = args.device == "cuda"
+        started = time.perf_counter()
+        try:
+            with optimizer_dispatch(dispatch_mode), warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if sync_debug:
+                    torch.cuda.set_sync_debug_mode("warn")
+                with patched_python_syncs(counter), counter:
+                    trainer.train()
+        finally:
+            if sync_debug:
+                torch.cuda.set_sync_debug_mode(0)
+            for hook in hooks:
+                hook.remove()
+        seconds = time.perf_counter() - started
+        if sync_debug:
+            for warning in caught:
+                if "synchronizing operation" in str(warning.message):
+                    cuda_syncs[f"{Path(warning.filename).name}:{warning.lineno}"] += 1
+    steps = []
+    for record in counter.steps:
+        flags = set(record["flags"])
+        if record["index"] < args.warmup:
+            flags.add("warm-up")
+        steps.append({
+            "index": record["index"], "flags": sorted(flags), "ops": record["ops"], "syncs": record["syncs"],
+            "regions": dict(record["regions"].most_common()),
+            "package_functions": dict(record["package_functions"].most_common()),
+            "op_names": dict(record["op_names"].most_common()),
+            "sync_sites": dict(record["sync_sites"].most_common()),
+        })
+    return {"model": model_name, "kind": kind, "optimizer_dispatch": dispatch_mode, "batch": args.batch_size,
+            "bf16": args.bf16, "device": args.device, "seconds": seconds, "steps": steps,
+            "cuda_reported_syncs": dict(cuda_syncs) if sync_debug else None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Summary and report
+# ---------------------------------------------------------------------------------------------------------------
+EXCLUDED_FROM_STEADY = {"warm-up", "logging", "elimination", "search end"}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    rows = []
+    for run in runs:
+        steady = [s for s in run["steps"] if not EXCLUDED_FROM_STEADY & set(s["flags"])]
+        logging_steps = [s for s in run["steps"] if "logging" in s["flags"] and "warm-up" not in s["flags"]
+                         and "search end" not in s["flags"]]
+        special = {flag: [s for s in run["steps"] if flag in s["flags"]] for flag in ("elimination", "search end")}
+        plain = next((r for r in runs if r["kind"] == "plain" and r["model"] == run["model"]
+                      and r["optimizer_dispatch"] == run["optimizer_dispatch"]), None)
+        plain_steady = [s for s in plain["steps"] if not EXCLUDED_FROM_STEADY & set(s["flags"])] if plain else []
+        ops = [s["ops"] for s in steady]
+        plain_ops = statistics.median(s["ops"] for s in plain_steady) if plain_steady else None
+        regions = collections.Counter()
+        functions = collections.Counter()
+        sync_sites = collections.Counter()
+        for s in steady:
+            regions.update(s["regions"])
+            functions.update(s["package_functions"])
+            sync_sites.update(s["sync_sites"])
+        n = max(1, len(steady))
+        logging_sites = collections.Counter()
+        for s in logging_steps:
+            logging_sites.update(s["sync_sites"])
+        rows.append({
+            "model": run["model"], "kind": run["kind"], "optimizer_dispatch": run["optimizer_dispatch"],
+            "steady_steps": len(steady),
+            "ops_median": statistics.median(ops) if ops else None, "ops_min": min(ops) if ops else None,
+            "ops_max": max(ops) if ops else None,
+            "ops_ratio_to_plain": statistics.median(ops) / plain_ops if ops and plain_ops else None,
+            "syncs_max_steady": max((s["syncs"] for s in steady), default=None),
+            "syncs_median_steady": statistics.median(s["syncs"] for s in steady) if steady else None,
+            "logging_steps": len(logging_steps),
+            "ops_median_logging": statistics.median(s["ops"] for s in logging_steps) if logging_steps else None,
+            "syncs_max_logging": max((s["syncs"] for s in logging_steps), default=None),
+            "syncs_elimination": [s["syncs"] for s in special["elimination"]],
+            "syncs_search_end": [s["syncs"] for s in special["search end"]],
+            "regions_per_steady_step": {k: v / n for k, v in regions.most_common()},
+            "package_functions_per_steady_step": {k: v / n for k, v in functions.most_common(25)},
+            "sync_sites_per_steady_step": {k: v / n for k, v in sync_sites.most_common(30)},
+            "sync_sites_per_logging_step": {k: v / max(1, len(logging_steps))
+                                            for k, v in logging_sites.most_common(30)},
+            "cuda_reported_syncs": run.get("cuda_reported_syncs"),
+            "seconds": run["seconds"],
+        })
+    return rows
+
+
+def write_report(results: dict, output_dir: Path, name: str) -> None:
+    C.write_json(output_dir / f"{name}.json", results)
+    prov = results["provenance"]
+    settings = results["settings"]
+    lines = [C.markdown_header(
+        "Dispatched operators and host syncs per optimizer step: search step vs plain step", prov,
+        [f"settings: {settings}",
+         f"wall time: {results['wall_seconds'] / 60:.1f} min",
+         "ops = aten operators dispatched per optimizer step (TorchDispatchMode: forward, backward, optimizer, the "
+         "method's updates, the Trainer's bookkeeping); steady = not warm-up, not a logging step, not an OFB "
+         "elimination step, not the step that ends the search; syncs = operations that synchronise host and device "
+         "on CUDA (see benchmarks/dispatch.py)"])]
+    header = ["optimizer dispatch", "model", "step", "ops/step (steady, median [min, max])", "ratio to plain",
+              "syncs/step (steady, max)", "ops/step (logging)", "syncs/step (logging, max)",
+              "syncs (elimination steps)", "syncs (search end)"]
+    rows = []
+    for r in results["summary"]:
+        rows.append([r["optimizer_dispatch"], r["model"], r["kind"],
+                     f"{r['ops_median']:.0f} [{r['ops_min']}, {r['ops_max']}]" if r["ops_median"] is not None else None,
+                     f"{r['ops_ratio_to_plain']:.2f}" if r["ops_ratio_to_plain"] is not None else None,
+                     r["syncs_max_steady"],
+                     f"{r['ops_median_logging']:.0f}" if r["ops_median_logging"] is not None else None,
+                     r["syncs_max_logging"], ", ".join(map(str, r["syncs_elimination"])) or "-",
+                     ", ".join(map(str, r["syncs_search_end"])) or "-"])
+    lines.append(C.md_table(header, rows))
+    for r in results["summary"]:
+        lines.append(f"\n## {r['model']}, {r['kind']}, {r['optimizer_dispatch']}\n")
+        lines.append("Ops per steady step by Trainer phase: " + ", ".join(
+            f"{k} {v:.0f}" for k, v in r["regions_per_steady_step"].items()) + "\n")
+        if r["package_functions_per_steady_step"]:
+            lines.append("Ops per steady step issued from this package (innermost function): " + ", ".join(
+                f"`{k}` {v:.0f}" for k, v in list(r["package_functions_per_steady_step"].items())[:12]) + "\n")
+        if r["sync_sites_per_steady_step"]:
+            lines.append("Syncs per steady step:\n")
+            lines += [f"- {v:g} x {k}" for k, v in r["sync_sites_per_steady_step"].items()]
+            lines.append("")
+        if r["sync_sites_per_logging_step"]:
+            lines.append("Syncs per logging step:\n")
+            lines += [f"- {v:g} x {k}" for k, v in list(r["sync_sites_per_logging_step"].items())[:15]]
+            lines.append("")
+        if r["cuda_reported_syncs"] is not None:
+            lines.append(f"CUDA-reported syncs over the whole run (all steps): {r['cuda_reported_syncs']}\n")
+    (output_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    prov = C.provenance([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    prov["machine"]["torch_threads"] = torch.get_num_threads()
+    runs = []
+    for dispatch_mode in args.optimizer_dispatch.split(","):
+        for model in args.models.split(","):
+            for kind in args.kinds.split(","):
+                C.log(f"{model}: {kind} ({dispatch_mode}, {args.steps} steps)")
+                run = run_one(args, model, kind, dispatch_mode)
+                runs.append(run)
+                steady = [s for s in run["steps"] if not EXCLUDED_FROM_STEADY & set(s["flags"])]
+                C.log(f"  {run['seconds']:.1f} s; steady ops/step {[s['ops'] for s in steady]}, "
+                      f"syncs/step {[s['syncs'] for s in steady]}")
+    results = {"provenance": prov, "settings": {k: v for k, v in vars(args).items()}, "runs": runs,
+               "summary": summarize(runs), "wall_seconds": time.perf_counter() - started}
+    output_dir = Path(args.output_dir)
+    write_report(results, output_dir, args.name)
+    C.log(f"wrote {output_dir / args.name}.json/.md")
+    return results
+
+
+if __name__ == "__main__":
+    main()
