@@ -1,21 +1,26 @@
 """Dispatched operators and host-device synchronisations per optimizer step: plain fine-tuning step vs OFB / UVC
 search step of the same model, measurable on any machine (no GPU needed).
 
-    python benchmarks/dispatch.py                 # DeiT-S shape + the demo's tiny ViT, plain / ofb / uvc
+    python benchmarks/dispatch.py                 # DeiT-S shape + the demo's tiny ViT, every kind of step
     python benchmarks/dispatch.py --quick         # smoke run (demo's tiny ViT, few steps)
-    python benchmarks/dispatch.py --device cuda   # on a GPU: also counts the syncs CUDA itself reports
+    python benchmarks/dispatch.py --device cuda --bf16   # on a GPU: also counts the syncs CUDA itself reports
 
 Method:
 
-* One `transformers.Trainer` run per (model, kind): kind = plain (`Trainer` on the dense model), ofb / uvc
-  (`CompressionTrainer`, `search_fraction=1.0`: every step is a search step). Same model, batch, AdamW, synthetic
-  in-memory data, `logging_steps` (so some steps log and some do not). Op counts do not depend on the batch size,
-  so a small batch (2) is used.
+* One `transformers.Trainer` run per (model, kind): plain (`Trainer` on the dense model), ofb / uvc
+  (`CompressionTrainer` searching), ofb-late (OFB with its widest embedding candidate already eliminated, as later in
+  a search: every LayerNorm then normalises the kept channels only), ofb-finetune / uvc-finetune (the steps after
+  the search: fixed architecture, OFB's learnable scales). Same model, batch, AdamW (the Trainer's default, fused:
+  one op on CPU and CUDA alike; gradient clipping uses foreach kernels on both), synthetic in-memory data,
+  `logging_steps`. The run is configured for a `--search-steps`-step search (default 4000, so the search history is
+  recorded every 20 steps as in a long search) and stopped after `--steps` steps. Op counts do not depend on the
+  batch size, so a small batch (2) is used.
 * Every aten operator that reaches the dispatcher's Python key is counted by a
   `torch.utils._python_dispatch.TorchDispatchMode` (forward, backward, optimizer, the method's updates, the
   Trainer's own bookkeeping), and attributed to the optimizer step in progress: a step runs from its `on_step_begin`
   to the next one's (so a step's logging and the fetch of the next batch belong to it). Ops run inside another op
-  (a composite's decomposition, a foreach kernel's per-tensor loop) are not counted again.
+  (a composite's decomposition, a foreach kernel's per-tensor loop) are not counted again. Views (`is_view` ops:
+  view, transpose, expand, detach, ...) launch no kernel on a GPU; they are counted, and also reported apart.
 * Host-device synchronisations: on a CPU there is none, so the operations that synchronise on CUDA are counted:
   `_local_scalar_dense` (`.item()`, `float()`, `int()`, `bool()` of a tensor, `if tensor:`), `nonzero`,
   `masked_select`, indexing or index assignment with a boolean mask, `unique*`, `repeat_interleave` without
@@ -27,18 +32,15 @@ Method:
   additionally counts the syncs CUDA reports (`cuda_reported_syncs`). The Trainer moving each batch to the device
   is not counted (it is the same for every kind, and `accelerator_config={"non_blocking": True}` with pinned
   memory makes it asynchronous).
-* Optimizer dispatch: on CUDA, AdamW and gradient clipping use the foreach kernels (one op per kind of update for
-  all parameters); on a CPU they loop over parameters (about ten ops per parameter), which would make the plain step
-  look several times bigger than it is on a GPU. `--optimizer-dispatch cuda-like` (default) lets the CPU take the
-  same foreach path as CUDA (torch's list of foreach devices is extended with "cpu" for the run); `native` keeps
-  the CPU's own path. Both are recorded when given as a list.
 * Steps: the first `--warmup` are excluded (optimizer state creation); the others are classified as logging steps
-  (the Trainer logged during them), elimination steps (OFB switches off candidates every
-  `steps_per_epoch / eliminations_per_epoch` steps; one sync there is allowed), the step that ends the search
-  (`finalize()`, decisions in Python) and plain steps ("steady"). The headline is the median op count of steady
-  steps and its ratio to the plain Trainer's, and the largest number of syncs in any steady step.
+  (the Trainer logged during them), OFB elimination steps (every `--eliminations-every` steps here; one read of
+  the device there is allowed), history steps (the search history is recorded; its values stay on the device) and
+  steady steps. The headline is the median op count of steady steps, its ratio to the plain Trainer's, and the
+  largest number of syncs in any steady step. UVC's steady steps are summarised per phase (skip warm-up, whose
+  block gates are fixed at 0.5 for the first `--uvc-warmup` steps here, then Gumbel gates).
 * Region of each op: the Trainer phase it ran in (forward+loss, backward, grad norm, optimizer, callbacks with the
-  method's updates, log/save, data, other), and, for ops issued from this package, the function that issued them.
+  method's updates, log/save, data, other); for forward ops issued directly from this package (the innermost frame
+  outside torch), the function that issued them; for backward ops, the autograd node that ran them.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ import _common as C  # noqa: E402
 
 aten = torch.ops.aten
 MODELS = ("deit-small", "demo-tiny")
-KINDS = ("plain", "ofb", "uvc")
+KINDS = ("plain", "ofb", "ofb-late", "uvc", "ofb-finetune", "uvc-finetune")
 PACKAGE_DIR = os.sep + "hf_vit_compress" + os.sep
 TORCH_DIR = os.path.dirname(torch.__file__)
 THIS_FILE = os.path.abspath(__file__)
@@ -86,22 +88,23 @@ INDEX_OPS = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
 #: repeat_interleave with a tensor of repeats needs their sum (the output size) unless output_size is given
 REPEAT_OPS = {aten.repeat_interleave.Tensor, aten.repeat_interleave.self_Tensor}
 COPY_OPS = {aten._to_copy.default, aten.copy_.default}
+#: step flags that take a step out of the steady-state statistics
+NOT_STEADY = {"warm-up", "logging", "elimination", "history", "search end", "train end"}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="smoke run: the demo's tiny ViT, 9 steps")
+    parser.add_argument("--quick", action="store_true", help="smoke run: the demo's tiny ViT, 10 steps")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run (warm-up included)")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps run (warm-up included)")
+    parser.add_argument("--search-steps", type=int, default=4000, help="length of the search the run is set up for")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--logging-steps", type=int, default=5)
-    parser.add_argument("--eliminations-every", type=int, default=7,
-                        help="OFB eliminates every this many steps (steps_per_epoch = 3 x this)")
+    parser.add_argument("--eliminations-every", type=int, default=7, help="OFB eliminates every this many steps")
+    parser.add_argument("--uvc-warmup", type=int, default=8, help="steps of UVC's skip warm-up (fixed block gates)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--target-flops", type=float, default=0.5)
-    parser.add_argument("--optimizer-dispatch", default="cuda-like,native",
-                        help="comma list of cuda-like (foreach AdamW and clipping, as on CUDA) and native")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (TrainingArguments(bf16=True))")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default)")
@@ -109,40 +112,29 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default=str(C.RESULTS))
     args = parser.parse_args(argv)
     if args.quick:
-        args.models = "demo-tiny"
-        args.steps, args.logging_steps, args.eliminations_every = 9, 4, 3
-        args.optimizer_dispatch = "cuda-like"
+        args.models, args.steps, args.logging_steps, args.eliminations_every, args.uvc_warmup = "demo-tiny", 10, 4, 3, 4
     args.name = args.name or ("dispatch_quick" if args.quick else "dispatch")
-    for value in args.optimizer_dispatch.split(","):
-        if value not in ("cuda-like", "native"):
-            parser.error(f"--optimizer-dispatch {value!r}: allowed cuda-like, native (comma-separated)")
     for value in args.kinds.split(","):
         if value not in KINDS:
-            parser.error(f"--kinds {value!r}: allowed {', '.join(KINDS)}")
+            parser.error(f"--kinds {value!r}: allowed {', '.join(KINDS)} (comma-separated)")
+    for value in args.models.split(","):
+        if value not in MODELS:
+            parser.error(f"--models {value!r}: allowed {', '.join(MODELS)} (comma-separated)")
+    if not 0 < args.uvc_warmup < args.search_steps:
+        parser.error(f"--uvc-warmup {args.uvc_warmup}: allowed 1 .. --search-steps - 1")
     return args
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Counting
 # ---------------------------------------------------------------------------------------------------------------
-def _call_site(skip_torch: bool = True) -> str:
-    """file:line function of the innermost frame outside torch and this script."""
+def _outer_frame():
+    """The innermost frame outside torch and this script (where the op was asked for)."""
     frame = sys._getframe(2)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not (filename.startswith(TORCH_DIR) and skip_torch) and os.path.abspath(filename) != THIS_FILE:
-            return f"{_short(filename)}:{frame.f_lineno} {frame.f_code.co_name}"
-        frame = frame.f_back
-    return "?"
-
-
-def _package_function() -> str | None:
-    """The innermost function of this package on the Python stack (None: the op came from elsewhere)."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if PACKAGE_DIR in filename:
-            return f"{_short(filename)}:{frame.f_code.co_name}"
+        if not filename.startswith(TORCH_DIR) and os.path.abspath(filename) != THIS_FILE:
+            return frame
         frame = frame.f_back
     return None
 
@@ -152,6 +144,13 @@ def _short(filename: str) -> str:
         if marker in filename:
             return marker.strip(os.sep) + "/" + filename.split(marker, 1)[1]
     return os.path.basename(filename)
+
+
+def _call_site() -> str:
+    frame = _outer_frame()
+    if frame is None:
+        return "?"
+    return f"{_short(frame.f_code.co_filename)}:{frame.f_lineno} {frame.f_code.co_name}"
 
 
 class StepCounter(TorchDispatchMode):
@@ -166,16 +165,14 @@ class StepCounter(TorchDispatchMode):
 
     @staticmethod
     def _new_step(index: int) -> dict:
-        return {"index": index, "ops": 0, "op_names": collections.Counter(), "regions": collections.Counter(),
-                "package_functions": collections.Counter(), "syncs": 0, "sync_sites": collections.Counter(),
-                "flags": set()}
+        return {"index": index, "ops": 0, "views": 0, "op_names": collections.Counter(),
+                "regions": collections.Counter(), "package_functions": collections.Counter(),
+                "backward_nodes": collections.Counter(), "syncs": 0,
+                "sync_sites": collections.Counter(), "flags": set()}
 
     def begin_step(self, index: int) -> None:
         self.current = self._new_step(index)
         self.steps.append(self.current)
-
-    def region(self) -> str:
-        return self.regions[-1] if self.regions else "other"
 
     def record_sync(self, what: str) -> None:
         if self.paused:
@@ -188,11 +185,16 @@ class StepCounter(TorchDispatchMode):
         if not self.paused:
             step = self.current
             step["ops"] += 1
+            step["views"] += bool(func.is_view)
             step["op_names"][str(func.overloadpacket.__name__)] += 1
-            step["regions"][self.region()] += 1
-            function = _package_function()
-            if function is not None:
-                step["package_functions"][function] += 1
+            step["regions"][self.regions[-1] if self.regions else "other"] += 1
+            node = torch._C._current_autograd_node()  # in backward: the autograd node whose ops these are
+            if node is not None:
+                step["backward_nodes"][node.name()] += 1
+            else:
+                frame = _outer_frame()
+                if frame is not None and PACKAGE_DIR in frame.f_code.co_filename:
+                    step["package_functions"][f"{_short(frame.f_code.co_filename)}:{frame.f_code.co_name}"] += 1
             reason = self._sync_reason(func, args, kwargs)
             if reason is not None:
                 self.record_sync(reason)
@@ -260,29 +262,6 @@ def patched_python_syncs(counter: StepCounter):
             setattr(owner, name, original)
 
 
-@contextlib.contextmanager
-def optimizer_dispatch(mode: str):
-    """`cuda-like`: let AdamW and gradient clipping take CUDA's foreach path on this CPU too."""
-    if mode != "cuda-like":
-        yield
-        return
-    import torch.optim.optimizer as optimizer_module
-    import torch.utils._foreach_utils as foreach_utils
-
-    original = foreach_utils._get_foreach_kernels_supported_devices
-
-    def with_cpu() -> list[str]:
-        return [*original(), "cpu"]
-
-    foreach_utils._get_foreach_kernels_supported_devices = with_cpu
-    optimizer_module._get_foreach_kernels_supported_devices = with_cpu
-    try:
-        yield
-    finally:
-        foreach_utils._get_foreach_kernels_supported_devices = original
-        optimizer_module._get_foreach_kernels_supported_devices = original
-
-
 def in_region(counter: StepCounter, name: str, function):
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
@@ -322,17 +301,47 @@ class SyntheticImages(torch.utils.data.Dataset):
         return {"pixel_values": self.pixels[index % len(self.pixels)], "labels": self.labels[index]}
 
 
-def run_one(args, model_name: str, kind: str, dispatch_mode: str) -> dict:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+def build_trainer(args, model, kind: str, output_dir: str, callbacks: list):
+    from transformers import Trainer, TrainingArguments
 
     from hf_vit_compress import CompressionConfig, CompressionTrainer
     from hf_vit_compress.data import collate_images
 
+    training_args = TrainingArguments(
+        output_dir=output_dir, max_steps=args.search_steps, per_device_train_batch_size=args.batch_size,
+        learning_rate=1e-4, lr_scheduler_type="constant", save_strategy="no", report_to=[],
+        logging_steps=args.logging_steps, seed=0, use_cpu=args.device == "cpu", bf16=args.bf16, disable_tqdm=True,
+        dataloader_num_workers=0, remove_unused_columns=False,
+    )
+    dataset = SyntheticImages(args.batch_size * args.search_steps, model.config.image_size, model.config.num_labels)
+    if kind == "plain":
+        return Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate_images,
+                       callbacks=callbacks)
+    method = kind.split("-")[0]
+    finetune = kind.endswith("-finetune")
+    config = CompressionConfig(method=method, target_flops=args.target_flops,
+                               search_fraction=1 / args.search_steps if finetune else 1.0,
+                               uvc={"skip_warmup_fraction": args.uvc_warmup / args.search_steps})
+    trainer = CompressionTrainer(model=model, args=training_args, compression_config=config, train_dataset=dataset,
+                                 data_collator=collate_images, steps_per_epoch=3 * args.eliminations_every,
+                                 callbacks=callbacks)
+    if kind == "ofb-late":  # later in a search: the widest embedding width has been eliminated
+        embed = trainer.method.embed
+        with torch.no_grad():
+            embed.active[int(embed.widths.argmax())] = False
+        if hasattr(embed, "state_changed"):  # the method keeps a host copy of what this changes
+            embed.state_changed()
+    return trainer
+
+
+def run_one(args, model_name: str, kind: str) -> dict:
+    from transformers import TrainerCallback
+
     torch.manual_seed(0)
     model = build_model(model_name).to(args.device).train()
-    dataset = SyntheticImages(args.batch_size * args.steps, model.config.image_size, model.config.num_labels)
     counter = StepCounter()
     cuda_syncs = collections.Counter()
+    trainer = None
 
     class Count(TrainerCallback):
         """First in the callback list: opens a step before the method's own on_step_begin runs."""
@@ -340,36 +349,34 @@ def run_one(args, model_name: str, kind: str, dispatch_mode: str) -> dict:
         def on_step_begin(self, _args, state, control, **kwargs):
             counter.begin_step(state.global_step)
             method = getattr(trainer, "method", None) if kind != "plain" else None
-            if method is not None:
-                counter.paused += 1  # reading the method's state here is bookkeeping, not the step's work
-                try:
-                    if not method.search_finished:
-                        if kind == "ofb" and (state.global_step + 1) % method.elimination_interval() == 0:
-                            counter.current["flags"].add("elimination")
-                        if state.global_step + 1 >= method.total_search_steps:
-                            counter.current["flags"].add("search end")
-                        if kind == "uvc" and method.in_skip_warmup:
-                            counter.current["flags"].add("uvc skip warm-up")
-                finally:
-                    counter.paused -= 1
+            if method is None:
+                return
+            counter.paused += 1  # reading the method's state here is the benchmark's bookkeeping
+            try:
+                if not method.search_finished:
+                    step = state.global_step
+                    if kind.startswith("ofb") and (step + 1) % method.elimination_interval() == 0:
+                        counter.current["flags"].add("elimination")
+                    if (step + 1) % max(1, method.total_search_steps // 200) == 0:
+                        counter.current["flags"].add("history")
+                    if step + 1 >= method.total_search_steps:
+                        counter.current["flags"].add("search end")
+                    if kind == "uvc":  # this step's phase (the method's own progress is set after this callback)
+                        counter.current["phase"] = "skip warm-up" if step < method.warmup_steps else "gumbel gates"
+            finally:
+                counter.paused -= 1
 
         def on_log(self, _args, state, control, logs=None, **kwargs):
-            counter.current["flags"].add("logging")
+            if logs and "loss" in logs:
+                counter.current["flags"].add("logging")
+
+        def on_step_end(self, _args, state, control, **kwargs):
+            if state.global_step >= args.steps:
+                control.should_training_stop = True
+                counter.current["flags"].add("train end")  # its tail: the end of training (finalize, ...)
 
     with tempfile.TemporaryDirectory(prefix="dispatch-") as tmp:
-        training_args = TrainingArguments(
-            output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.batch_size, learning_rate=1e-4,
-            lr_scheduler_type="constant", save_strategy="no", report_to=[], logging_steps=args.logging_steps,
-            seed=0, use_cpu=args.device == "cpu", bf16=args.bf16, disable_tqdm=True, dataloader_num_workers=0,
-            remove_unused_columns=False,
-        )
-        if kind == "plain":
-            trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate_images)
-        else:
-            config = CompressionConfig(method=kind, target_flops=args.target_flops, search_fraction=1.0)
-            trainer = CompressionTrainer(model=model, args=training_args, compression_config=config,
-                                         train_dataset=dataset, data_collator=collate_images,
-                                         steps_per_epoch=3 * args.eliminations_every)
+        trainer = build_trainer(args, model, kind, tmp, [])
         trainer.callback_handler.callbacks.insert(0, Count())
         # regions: the Trainer's phases (instance attributes shadow the class's methods)
         trainer.compute_loss = in_region(counter, "forward+loss", trainer.compute_loss)
@@ -390,7 +397,7 @@ def run_one(args, model_name: str, kind: str, dispatch_mode: str) -> dict:
         sync_debug = args.device == "cuda"
         started = time.perf_counter()
         try:
-            with optimizer_dispatch(dispatch_mode), warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 if sync_debug:
                     torch.cuda.set_sync_debug_mode("warn")
@@ -404,7 +411,7 @@ def run_one(args, model_name: str, kind: str, dispatch_mode: str) -> dict:
         seconds = time.perf_counter() - started
         if sync_debug:
             for warning in caught:
-                if "synchronizing operation" in str(warning.message):
+                if "synchroniz" in str(warning.message):
                     cuda_syncs[f"{Path(warning.filename).name}:{warning.lineno}"] += 1
     steps = []
     for record in counter.steps:
@@ -412,102 +419,112 @@ def run_one(args, model_name: str, kind: str, dispatch_mode: str) -> dict:
         if record["index"] < args.warmup:
             flags.add("warm-up")
         steps.append({
-            "index": record["index"], "flags": sorted(flags), "ops": record["ops"], "syncs": record["syncs"],
+            "index": record["index"], "flags": sorted(flags), "phase": record.get("phase"), "ops": record["ops"],
+            "views": record["views"], "syncs": record["syncs"],
             "regions": dict(record["regions"].most_common()),
             "package_functions": dict(record["package_functions"].most_common()),
+            "backward_nodes": dict(record["backward_nodes"].most_common()),
             "op_names": dict(record["op_names"].most_common()),
             "sync_sites": dict(record["sync_sites"].most_common()),
         })
-    return {"model": model_name, "kind": kind, "optimizer_dispatch": dispatch_mode, "batch": args.batch_size,
-            "bf16": args.bf16, "device": args.device, "seconds": seconds, "steps": steps,
-            "cuda_reported_syncs": dict(cuda_syncs) if sync_debug else None}
+    return {"model": model_name, "kind": kind, "batch": args.batch_size, "bf16": args.bf16, "device": args.device,
+            "seconds": seconds, "steps": steps, "cuda_reported_syncs": dict(cuda_syncs) if sync_debug else None}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Summary and report
 # ---------------------------------------------------------------------------------------------------------------
-EXCLUDED_FROM_STEADY = {"warm-up", "logging", "elimination", "search end"}
+def _steady(run: dict) -> dict[str | None, list[dict]]:
+    """Steady steps of a run by phase."""
+    phases: dict[str | None, list[dict]] = {}
+    for step in run["steps"]:
+        if not NOT_STEADY & set(step["flags"]):
+            phases.setdefault(step.get("phase"), []).append(step)
+    return phases
+
+
+def _per_step(steps: list[dict], key: str, top: int | None = None) -> dict[str, float]:
+    total = collections.Counter()
+    for step in steps:
+        total.update(step[key])
+    return {name: count / max(1, len(steps)) for name, count in total.most_common(top)}
 
 
 def summarize(runs: list[dict]) -> list[dict]:
     rows = []
     for run in runs:
-        steady = [s for s in run["steps"] if not EXCLUDED_FROM_STEADY & set(s["flags"])]
-        logging_steps = [s for s in run["steps"] if "logging" in s["flags"] and "warm-up" not in s["flags"]
-                         and "search end" not in s["flags"]]
-        special = {flag: [s for s in run["steps"] if flag in s["flags"]] for flag in ("elimination", "search end")}
-        plain = next((r for r in runs if r["kind"] == "plain" and r["model"] == run["model"]
-                      and r["optimizer_dispatch"] == run["optimizer_dispatch"]), None)
-        plain_steady = [s for s in plain["steps"] if not EXCLUDED_FROM_STEADY & set(s["flags"])] if plain else []
-        ops = [s["ops"] for s in steady]
-        plain_ops = statistics.median(s["ops"] for s in plain_steady) if plain_steady else None
-        regions = collections.Counter()
-        functions = collections.Counter()
-        sync_sites = collections.Counter()
-        for s in steady:
-            regions.update(s["regions"])
-            functions.update(s["package_functions"])
-            sync_sites.update(s["sync_sites"])
-        n = max(1, len(steady))
-        logging_sites = collections.Counter()
-        for s in logging_steps:
-            logging_sites.update(s["sync_sites"])
-        rows.append({
-            "model": run["model"], "kind": run["kind"], "optimizer_dispatch": run["optimizer_dispatch"],
-            "steady_steps": len(steady),
-            "ops_median": statistics.median(ops) if ops else None, "ops_min": min(ops) if ops else None,
-            "ops_max": max(ops) if ops else None,
-            "ops_ratio_to_plain": statistics.median(ops) / plain_ops if ops and plain_ops else None,
-            "syncs_max_steady": max((s["syncs"] for s in steady), default=None),
-            "syncs_median_steady": statistics.median(s["syncs"] for s in steady) if steady else None,
-            "logging_steps": len(logging_steps),
-            "ops_median_logging": statistics.median(s["ops"] for s in logging_steps) if logging_steps else None,
-            "syncs_max_logging": max((s["syncs"] for s in logging_steps), default=None),
-            "syncs_elimination": [s["syncs"] for s in special["elimination"]],
-            "syncs_search_end": [s["syncs"] for s in special["search end"]],
-            "regions_per_steady_step": {k: v / n for k, v in regions.most_common()},
-            "package_functions_per_steady_step": {k: v / n for k, v in functions.most_common(25)},
-            "sync_sites_per_steady_step": {k: v / n for k, v in sync_sites.most_common(30)},
-            "sync_sites_per_logging_step": {k: v / max(1, len(logging_steps))
-                                            for k, v in logging_sites.most_common(30)},
-            "cuda_reported_syncs": run.get("cuda_reported_syncs"),
-            "seconds": run["seconds"],
-        })
+        plain = next((r for r in runs if r["kind"] == "plain" and r["model"] == run["model"]), None)
+        plain_steps = [s for steps in _steady(plain).values() for s in steps] if plain else []
+        plain_ops = statistics.median(s["ops"] for s in plain_steps) if plain_steps else None
+        plain_kernels = statistics.median(s["ops"] - s["views"] for s in plain_steps) if plain_steps else None
+        logging_steps = [s for s in run["steps"] if "logging" in s["flags"]
+                         and not {"warm-up", "train end"} & set(s["flags"])]
+        for phase, steady in _steady(run).items():
+            ops = [s["ops"] for s in steady]
+            kernels = [s["ops"] - s["views"] for s in steady]
+            rows.append({
+                "model": run["model"], "kind": run["kind"] + (f" ({phase})" if phase else ""),
+                "steady_steps": len(steady),
+                "ops_median": statistics.median(ops), "ops_min": min(ops), "ops_max": max(ops),
+                "ops_ratio_to_plain": statistics.median(ops) / plain_ops if plain_ops else None,
+                "non_view_ops_median": statistics.median(kernels),
+                "non_view_ratio_to_plain": statistics.median(kernels) / plain_kernels if plain_kernels else None,
+                "syncs_max_steady": max(s["syncs"] for s in steady),
+                "ops_median_logging": statistics.median(s["ops"] for s in logging_steps) if logging_steps else None,
+                "syncs_max_logging": max((s["syncs"] for s in logging_steps), default=None),
+                "syncs_elimination": [s["syncs"] for s in run["steps"] if "elimination" in s["flags"]],
+                "syncs_history": [s["syncs"] for s in run["steps"]
+                                  if "history" in s["flags"] and "logging" not in s["flags"]],
+                "regions_per_steady_step": _per_step(steady, "regions"),
+                "package_functions_per_steady_step": _per_step(steady, "package_functions", 25),
+                "backward_nodes_per_steady_step": _per_step(steady, "backward_nodes", 25),
+                "op_names_per_steady_step": _per_step(steady, "op_names", 25),
+                "sync_sites_per_steady_step": _per_step(steady, "sync_sites", 30),
+                "sync_sites_per_logging_step": _per_step(logging_steps, "sync_sites", 30),
+                "cuda_reported_syncs": run.get("cuda_reported_syncs"),
+                "seconds": run["seconds"],
+            })
     return rows
+
+
+def _fmt(value, pattern="{:.0f}"):
+    return None if value is None else pattern.format(value)
 
 
 def write_report(results: dict, output_dir: Path, name: str) -> None:
     C.write_json(output_dir / f"{name}.json", results)
     prov = results["provenance"]
-    settings = results["settings"]
     lines = [C.markdown_header(
         "Dispatched operators and host syncs per optimizer step: search step vs plain step", prov,
-        [f"settings: {settings}",
+        [f"settings: {results['settings']}",
          f"wall time: {results['wall_seconds'] / 60:.1f} min",
          "ops = aten operators dispatched per optimizer step (TorchDispatchMode: forward, backward, optimizer, the "
-         "method's updates, the Trainer's bookkeeping); steady = not warm-up, not a logging step, not an OFB "
-         "elimination step, not the step that ends the search; syncs = operations that synchronise host and device "
-         "on CUDA (see benchmarks/dispatch.py)"])]
-    header = ["optimizer dispatch", "model", "step", "ops/step (steady, median [min, max])", "ratio to plain",
-              "syncs/step (steady, max)", "ops/step (logging)", "syncs/step (logging, max)",
-              "syncs (elimination steps)", "syncs (search end)"]
+         "method's updates, the Trainer's bookkeeping), views included; non-view ops = ops that are not views (what "
+         "launches kernels on a GPU); steady = not warm-up, logging, OFB elimination or history-recording steps; "
+         "syncs = operations that synchronise host and device on CUDA (see benchmarks/dispatch.py)"])]
+    header = ["model", "step", "ops/step (steady, median [min, max])", "ratio to plain", "non-view ops/step",
+              "non-view ratio", "syncs/step (steady, max)", "ops/step (logging)", "syncs/step (logging, max)",
+              "syncs (elimination steps)", "syncs (history steps)"]
     rows = []
     for r in results["summary"]:
-        rows.append([r["optimizer_dispatch"], r["model"], r["kind"],
-                     f"{r['ops_median']:.0f} [{r['ops_min']}, {r['ops_max']}]" if r["ops_median"] is not None else None,
-                     f"{r['ops_ratio_to_plain']:.2f}" if r["ops_ratio_to_plain"] is not None else None,
-                     r["syncs_max_steady"],
-                     f"{r['ops_median_logging']:.0f}" if r["ops_median_logging"] is not None else None,
-                     r["syncs_max_logging"], ", ".join(map(str, r["syncs_elimination"])) or "-",
-                     ", ".join(map(str, r["syncs_search_end"])) or "-"])
+        rows.append([r["model"], r["kind"], f"{r['ops_median']:.0f} [{r['ops_min']}, {r['ops_max']}]",
+                     _fmt(r["ops_ratio_to_plain"], "{:.2f}"), _fmt(r["non_view_ops_median"]),
+                     _fmt(r["non_view_ratio_to_plain"], "{:.2f}"), r["syncs_max_steady"],
+                     _fmt(r["ops_median_logging"]), r["syncs_max_logging"],
+                     ", ".join(map(str, r["syncs_elimination"])) or "-",
+                     ", ".join(map(str, r["syncs_history"])) or "-"])
     lines.append(C.md_table(header, rows))
     for r in results["summary"]:
-        lines.append(f"\n## {r['model']}, {r['kind']}, {r['optimizer_dispatch']}\n")
+        lines.append(f"\n## {r['model']}, {r['kind']}\n")
         lines.append("Ops per steady step by Trainer phase: " + ", ".join(
             f"{k} {v:.0f}" for k, v in r["regions_per_steady_step"].items()) + "\n")
+        lines.append("Most frequent ops per steady step: " + ", ".join(
+            f"{k} {v:.0f}" for k, v in list(r["op_names_per_steady_step"].items())[:12]) + "\n")
         if r["package_functions_per_steady_step"]:
-            lines.append("Ops per steady step issued from this package (innermost function): " + ", ".join(
+            lines.append("Forward ops per steady step issued directly from this package: " + ", ".join(
                 f"`{k}` {v:.0f}" for k, v in list(r["package_functions_per_steady_step"].items())[:12]) + "\n")
+        lines.append("Backward ops per steady step by autograd node: " + ", ".join(
+            f"{k} {v:.0f}" for k, v in list(r["backward_nodes_per_steady_step"].items())[:12]) + "\n")
         if r["sync_sites_per_steady_step"]:
             lines.append("Syncs per steady step:\n")
             lines += [f"- {v:g} x {k}" for k, v in r["sync_sites_per_steady_step"].items()]
@@ -529,17 +546,16 @@ def main(argv=None) -> dict:
     prov = C.provenance([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     prov["machine"]["torch_threads"] = torch.get_num_threads()
     runs = []
-    for dispatch_mode in args.optimizer_dispatch.split(","):
-        for model in args.models.split(","):
-            for kind in args.kinds.split(","):
-                C.log(f"{model}: {kind} ({dispatch_mode}, {args.steps} steps)")
-                run = run_one(args, model, kind, dispatch_mode)
-                runs.append(run)
-                steady = [s for s in run["steps"] if not EXCLUDED_FROM_STEADY & set(s["flags"])]
-                C.log(f"  {run['seconds']:.1f} s; steady ops/step {[s['ops'] for s in steady]}, "
-                      f"syncs/step {[s['syncs'] for s in steady]}")
-    results = {"provenance": prov, "settings": {k: v for k, v in vars(args).items()}, "runs": runs,
-               "summary": summarize(runs), "wall_seconds": time.perf_counter() - started}
+    for model in args.models.split(","):
+        for kind in args.kinds.split(","):
+            C.log(f"{model}: {kind} ({args.steps} steps)")
+            run = run_one(args, model, kind)
+            runs.append(run)
+            for phase, steady in _steady(run).items():
+                C.log(f"  {run['seconds']:.1f} s; steady ops/step{f' ({phase})' if phase else ''} "
+                      f"{[s['ops'] for s in steady]}, syncs/step {[s['syncs'] for s in steady]}")
+    results = {"provenance": prov, "settings": dict(vars(args)), "runs": runs, "summary": summarize(runs),
+               "wall_seconds": time.perf_counter() - started}
     output_dir = Path(args.output_dir)
     write_report(results, output_dir, args.name)
     C.log(f"wrote {output_dir / args.name}.json/.md")
