@@ -7,6 +7,7 @@ and resume. Everything method-specific goes through `methods.base.CompressionMet
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -20,6 +21,7 @@ from transformers.utils import logging
 
 from .architecture import Architecture
 from .config import CompressionConfig
+from .device_logs import DeviceHistory, DeviceLogAccumulator
 from .distill import distillation_loss, frozen_teacher_copy
 from .export import export_compressed_model, save_atomically
 from .gating import install_gates
@@ -53,6 +55,11 @@ class CompressionTrainer(Trainer):
             whole run counts as one epoch.
         **kwargs: everything else `transformers.Trainer` takes (train_dataset, eval_dataset, data_collator,
             compute_metrics, callbacks, ...).
+
+    A training step reads nothing back from the device outside logging steps (a GPU runs ahead of Python): the
+    method's logged terms are summed on the device (`trainer.method_logs.last` holds the last step's terms by name
+    as 0-dim tensors, `trainer.method_logs.totals()` their sums since the last log) and read in one transfer when
+    the Trainer logs; `logging_nan_inf_filter` is applied on the device (see `training_step`).
     """
 
     def __init__(
@@ -104,8 +111,10 @@ class CompressionTrainer(Trainer):
         self.teacher = teacher
         # The loss is a per-batch mean; let the Trainer divide by gradient_accumulation_steps itself.
         self.model_accepts_loss_kwargs = False
-        self.compression_history: list[dict] = []
-        self._method_logs: dict[str, list[float]] = {}
+        # The method's per-step terms and the search history stay on the device between logging steps.
+        self.method_logs = DeviceLogAccumulator()
+        self._history = DeviceHistory()
+        self._nan_inf_filter_on_device = False
         self.add_callback(CompressionCallback(self))
 
     # -- access ------------------------------------------------------------------------------------------------
@@ -116,6 +125,11 @@ class CompressionTrainer(Trainer):
     @property
     def search_steps(self) -> int:
         return self.method.total_search_steps
+
+    @property
+    def compression_history(self) -> list[dict]:
+        """The search's recorded values (`{"step": ..., **method.snapshot()}`), as Python numbers."""
+        return self._history.records()
 
     # -- optimizer ---------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -151,9 +165,8 @@ class CompressionTrainer(Trainer):
         loss = task_loss
         if model.training:
             loss, logs = self.method.loss(task_loss, outputs.logits, inputs)
-            logs = {"task_loss": float(task_loss.detach()), **logs}
-            for key, value in logs.items():
-                self._method_logs.setdefault(key, []).append(value)
+            # summed on the device, read at logging steps; `method_logs.last` holds this step's terms by name
+            self.method_logs.add({"task_loss": task_loss.detach(), **logs})
             if isinstance(model, nn.parallel.DistributedDataParallel):
                 loss = loss + self._zero_gradient_term(model.module)
         return (loss, outputs) if return_outputs else loss
@@ -189,14 +202,62 @@ class CompressionTrainer(Trainer):
             student_distillation_logits=distillation_logits,
         )
 
+    # -- training step: no host-device synchronisation outside logging steps ------------------------------------
+    def train(self, *args, **kwargs):
+        with self._filter_nonfinite_losses_on_device():
+            return super().train(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _filter_nonfinite_losses_on_device(self):
+        """`TrainingArguments.logging_nan_inf_filter` makes the Trainer read every step's loss on the host
+        (`torch.isnan(loss) or torch.isinf(loss)`), a device synchronisation per step. While training, the same
+        filter runs on the device in `training_step` and the Trainer's own check is switched off; evaluation and
+        saved arguments see the user's setting."""
+        self._nan_inf_filter_on_device = self.args.logging_nan_inf_filter
+        self.args.logging_nan_inf_filter = False
+        try:
+            yield
+        finally:
+            self.args.logging_nan_inf_filter = self._nan_inf_filter_on_device
+            self._nan_inf_filter_on_device = False
+
+    @contextlib.contextmanager
+    def _user_nan_inf_filter(self):
+        if not self._nan_inf_filter_on_device:
+            yield
+            return
+        self.args.logging_nan_inf_filter = True
+        try:
+            yield
+        finally:
+            self.args.logging_nan_inf_filter = False
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        tracked = getattr(self, "_tr_loss", None)
+        if self._nan_inf_filter_on_device and tracked is not None:
+            # The Trainer's logging_nan_inf_filter, on the device: a non-finite loss counts as the mean of the
+            # losses since the last log (what the Trainer adds in its place), without reading it.
+            steps = 1 + self.state.global_step - self._globalstep_last_logged
+            finite = (loss - loss) == 0  # x - x is 0 for a finite x and NaN for NaN or +-inf
+            loss = torch.where(finite, loss, tracked / steps)
+        return loss
+
+    def evaluation_loop(self, *args, **kwargs):
+        with self._user_nan_inf_filter():
+            return super().evaluation_loop(*args, **kwargs)
+
     # -- logging -----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the method's averaged terms and its schedules
-            for key, values in self._method_logs.items():
-                logs[key] = sum(values) / len(values)
-            self._method_logs = {}
+            logs.update(self.method_logs.pop_means())  # one read of the device for all terms of all steps
             logs.update(self.method.metrics())
+            self._history.records()  # convert the history recorded since the last log, in one read
         super().log(logs, start_time)
+
+    def record_history(self, step: int) -> None:
+        """Append the method's `snapshot()` at `step` to the history (device values are read later, in bulk)."""
+        self._history.append(step, self.method.snapshot())
 
     # -- results -----------------------------------------------------------------------------------------------
     def finalize_architecture(self) -> Architecture:
@@ -238,7 +299,8 @@ class CompressionTrainer(Trainer):
         model.__dict__["save_pretrained"] = functools.partial(type(model).save_pretrained, model,
                                                               save_original_format=False)
         try:
-            super()._save(output_dir, state_dict)
+            with self._user_nan_inf_filter():  # training_args.bin holds the user's setting
+                super()._save(output_dir, state_dict)
         finally:
             model.__dict__.pop("save_pretrained", None)
 
@@ -332,4 +394,4 @@ class CompressionCallback(TrainerCallback):
     def _record(self, step: int, method: CompressionMethod) -> None:
         every = max(1, method.total_search_steps // 200)
         if step % every == 0 or method.search_finished:
-            self.trainer.compression_history.append({"step": step, **method.snapshot()})
+            self.trainer.record_history(step)
