@@ -204,25 +204,16 @@ class CompressionTrainer(Trainer):
 
     # -- training step: no host-device synchronisation outside logging steps ------------------------------------
     def train(self, *args, **kwargs):
-        with self._filter_nonfinite_losses_on_device():
-            return super().train(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def _filter_nonfinite_losses_on_device(self):
-        """`TrainingArguments.logging_nan_inf_filter` makes the Trainer read every step's loss on the host
-        (`torch.isnan(loss) or torch.isinf(loss)`), a device synchronisation per step. While training, the same
-        filter runs on the device in `training_step` and the Trainer's own check is switched off; evaluation and
-        saved arguments see the user's setting."""
-        self._nan_inf_filter_on_device = self.args.logging_nan_inf_filter
-        self.args.logging_nan_inf_filter = False
+        self._user_filters_nan_inf = self.args.logging_nan_inf_filter
         try:
-            yield
+            return super().train(*args, **kwargs)
         finally:
-            self.args.logging_nan_inf_filter = self._nan_inf_filter_on_device
+            self.args.logging_nan_inf_filter = self._user_filters_nan_inf
             self._nan_inf_filter_on_device = False
 
     @contextlib.contextmanager
     def _user_nan_inf_filter(self):
+        """Evaluation and saved arguments see the user's `logging_nan_inf_filter` while training filters on device."""
         if not self._nan_inf_filter_on_device:
             yield
             return
@@ -233,11 +224,17 @@ class CompressionTrainer(Trainer):
             self.args.logging_nan_inf_filter = False
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """The Trainer's step; with `logging_nan_inf_filter`, its filter is applied here on the device: the Trainer's
+        own check reads every step's loss on the host (`torch.isnan(loss) or torch.isinf(loss)`), a device
+        synchronisation per step, so it is switched off while training (where the Trainer keeps its running loss
+        on the device as `_tr_loss`, as transformers 5 does; otherwise its own check stays)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         tracked = getattr(self, "_tr_loss", None)
-        if self._nan_inf_filter_on_device and tracked is not None:
-            # The Trainer's logging_nan_inf_filter, on the device: a non-finite loss counts as the mean of the
-            # losses since the last log (what the Trainer adds in its place), without reading it.
+        if getattr(self, "_user_filters_nan_inf", False) and torch.is_tensor(tracked):
+            self._nan_inf_filter_on_device = True
+            self.args.logging_nan_inf_filter = False
+            # a non-finite loss counts as the mean of the losses since the last log (what the Trainer adds in its
+            # place), without reading it
             steps = 1 + self.state.global_step - self._globalstep_last_logged
             finite = (loss - loss) == 0  # x - x is 0 for a finite x and NaN for NaN or +-inf
             loss = torch.where(finite, loss, tracked / steps)
