@@ -97,10 +97,10 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="smoke run: the demo's tiny ViT, 10 steps")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps run (warm-up included)")
+    parser.add_argument("--steps", type=int, default=24, help="optimizer steps run (warm-up included)")
     parser.add_argument("--search-steps", type=int, default=4000, help="length of the search the run is set up for")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--logging-steps", type=int, default=5)
+    parser.add_argument("--logging-steps", type=int, default=6)
     parser.add_argument("--eliminations-every", type=int, default=7, help="OFB eliminates every this many steps")
     parser.add_argument("--uvc-warmup", type=int, default=8, help="steps of UVC's skip warm-up (fixed block gates)")
     parser.add_argument("--batch-size", type=int, default=2)
@@ -168,7 +168,8 @@ class StepCounter(TorchDispatchMode):
         return {"index": index, "ops": 0, "views": 0, "op_names": collections.Counter(),
                 "regions": collections.Counter(), "package_functions": collections.Counter(),
                 "backward_nodes": collections.Counter(), "syncs": 0,
-                "sync_sites": collections.Counter(), "flags": set()}
+                "sync_sites": collections.Counter(), "cuda_syncs": 0, "cuda_sync_sites": collections.Counter(),
+                "flags": set()}
 
     def begin_step(self, index: int) -> None:
         self.current = self._new_step(index)
@@ -179,6 +180,13 @@ class StepCounter(TorchDispatchMode):
             return
         self.current["syncs"] += 1
         self.current["sync_sites"][f"{what} @ {_call_site()}"] += 1
+
+    def record_cuda_sync(self) -> None:
+        """A synchronisation CUDA itself reported (`torch.cuda.set_sync_debug_mode("warn")`)."""
+        if self.paused:
+            return
+        self.current["cuda_syncs"] += 1
+        self.current["cuda_sync_sites"][_call_site()] += 1
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -395,10 +403,20 @@ def run_one(args, model_name: str, kind: str) -> dict:
             optimizer_module.register_optimizer_step_post_hook(lambda *a: counter.regions.pop()),
         ]
         sync_debug = args.device == "cuda"
+        show_warning = warnings.showwarning
+
+        def count_cuda_syncs(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" in str(message):  # attributed to the step (and call site) that caused it
+                counter.record_cuda_sync()
+                cuda_syncs[f"{Path(filename).name}:{lineno}"] += 1
+            else:
+                show_warning(message, category, filename, lineno, file, line)
+
         started = time.perf_counter()
         try:
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings():
                 warnings.simplefilter("always")
+                warnings.showwarning = count_cuda_syncs
                 if sync_debug:
                     torch.cuda.set_sync_debug_mode("warn")
                 with patched_python_syncs(counter), counter:
@@ -409,10 +427,6 @@ def run_one(args, model_name: str, kind: str) -> dict:
             for hook in hooks:
                 hook.remove()
         seconds = time.perf_counter() - started
-        if sync_debug:
-            for warning in caught:
-                if "synchroniz" in str(warning.message):
-                    cuda_syncs[f"{Path(warning.filename).name}:{warning.lineno}"] += 1
     steps = []
     for record in counter.steps:
         flags = set(record["flags"])
@@ -426,6 +440,8 @@ def run_one(args, model_name: str, kind: str) -> dict:
             "backward_nodes": dict(record["backward_nodes"].most_common()),
             "op_names": dict(record["op_names"].most_common()),
             "sync_sites": dict(record["sync_sites"].most_common()),
+            "cuda_syncs": record["cuda_syncs"] if sync_debug else None,
+            "cuda_sync_sites": dict(record["cuda_sync_sites"].most_common()),
         })
     return {"model": model_name, "kind": kind, "batch": args.batch_size, "bf16": args.bf16, "device": args.device,
             "seconds": seconds, "steps": steps, "cuda_reported_syncs": dict(cuda_syncs) if sync_debug else None}
@@ -473,8 +489,11 @@ def summarize(runs: list[dict]) -> list[dict]:
                 "ops_median_logging": statistics.median(s["ops"] for s in logging_steps) if logging_steps else None,
                 "syncs_max_logging": max((s["syncs"] for s in logging_steps), default=None),
                 "syncs_elimination": [s["syncs"] for s in run["steps"] if "elimination" in s["flags"]],
-                "syncs_history": [s["syncs"] for s in run["steps"]
-                                  if "history" in s["flags"] and "logging" not in s["flags"]],
+                "syncs_history": [s["syncs"] for s in run["steps"] if "history" in s["flags"]
+                                  and not {"logging", "warm-up", "search end", "train end"} & set(s["flags"])],
+                "cuda_syncs_max_steady": max((s["cuda_syncs"] or 0 for s in steady), default=None)
+                if run.get("cuda_reported_syncs") is not None else None,
+                "cuda_sync_sites_per_steady_step": _per_step(steady, "cuda_sync_sites", 20),
                 "regions_per_steady_step": _per_step(steady, "regions"),
                 "package_functions_per_steady_step": _per_step(steady, "package_functions", 25),
                 "backward_nodes_per_steady_step": _per_step(steady, "backward_nodes", 25),
@@ -534,7 +553,9 @@ def write_report(results: dict, output_dir: Path, name: str) -> None:
             lines += [f"- {v:g} x {k}" for k, v in list(r["sync_sites_per_logging_step"].items())[:15]]
             lines.append("")
         if r["cuda_reported_syncs"] is not None:
-            lines.append(f"CUDA-reported syncs over the whole run (all steps): {r['cuda_reported_syncs']}\n")
+            lines.append(f"CUDA-reported syncs per steady step (max): {r['cuda_syncs_max_steady']}; per steady "
+                         f"step by call site: {r['cuda_sync_sites_per_steady_step']}; over the whole run (all steps, "
+                         f"by warning site): {r['cuda_reported_syncs']}\n")
     (output_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
