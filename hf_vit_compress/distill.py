@@ -49,14 +49,14 @@ def distillation_loss(
         raise ValueError(f"distillation alpha={alpha!r} is invalid: allowed a number in [0, 1]")
     if temperature <= 0:
         raise ValueError(f"distillation temperature={temperature!r} is invalid: allowed a number > 0")
-    loss = student_logits.new_zeros((), dtype=torch.float32)
+    terms = []
     if alpha < 1.0:
         if labels is None:
             raise ValueError("distillation_loss: labels are required when alpha < 1 (the CE term is used)")
         if labels.is_floating_point() and labels.dtype != torch.float32:
             labels = labels.float()
         ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=label_smoothing)
-        loss = loss + (1.0 - alpha) * ce
+        terms.append((1.0 - alpha) * ce)
     if alpha > 0.0:
         if teacher_logits is None:
             raise ValueError("distillation_loss: teacher_logits are required when alpha > 0")
@@ -66,11 +66,17 @@ def distillation_loss(
                 f"distillation_loss: student logits {tuple(kd_logits.shape)} and teacher logits "
                 f"{tuple(teacher_logits.shape)} differ: the teacher must predict the same labels"
             )
-        student_log_probs = F.log_softmax(kd_logits.float() / temperature, dim=-1)
-        teacher_log_probs = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+        student_log_probs = F.log_softmax(_scaled(kd_logits.float(), temperature), dim=-1)
+        teacher_logits = teacher_logits.detach() if teacher_logits.requires_grad else teacher_logits
+        teacher_log_probs = F.log_softmax(_scaled(teacher_logits.float(), temperature), dim=-1)
         kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True)
-        loss = loss + alpha * temperature**2 * kl
-    return loss
+        terms.append(alpha * temperature**2 * kl)
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def _scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T (no operation at T = 1, where it changes nothing)."""
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def split_student_logits(outputs) -> tuple[torch.Tensor, torch.Tensor | None]:

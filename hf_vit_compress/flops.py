@@ -116,6 +116,16 @@ def macs_from_widths(geo: Geometry, hidden, qk_widths, v_widths, mlp_widths, run
     return total
 
 
+def macs_from_width_tensors(geo: Geometry, hidden, qk_widths, v_widths, mlp_widths, run_weights=None):
+    """`macs_from_widths` for per-block widths given as one tensor per kind (shape `(num_layers,)`): the same formula
+    applied to all blocks at once (a few tensor ops, however many blocks), differentiable in every tensor argument.
+    """
+    cost = block_macs(geo.tokens, hidden, qk_widths, v_widths, mlp_widths)
+    if run_weights is not None:
+        cost = run_weights * cost
+    return stem_and_head_macs(geo, hidden) + cost.sum()
+
+
 def dense_macs(model_or_config, image_size=None) -> int:
     """MACs of the dense ViT/DeiT shape described by `model_or_config`."""
     geo = geometry(model_or_config, image_size)

@@ -2,15 +2,23 @@
 only the kept residual channels.
 
 The HF attention code is left alone (sdpa/eager/flex are still dispatched by transformers): a gate scales the
-OUTPUT units of q_proj / k_proj / v_proj / fc1 (folded into the weight rows and bias, which is the same product but
-costs a (out, in) multiply instead of a (batch, tokens, out) one) and of the embeddings, and a block gate mixes a
-block's output with its input. Parameter names and the state dict are unchanged.
+OUTPUT units of q_proj / k_proj / v_proj / fc1 and of the embeddings, and a block gate mixes a block's output with
+its input. Parameter names and the state dict are unchanged.
 A method supplies the multipliers through a `MaskProvider`; they are computed once per model forward (a pre-hook
-on the top module) so that shared masks (q, k and v share one) are built once and autograd sees one graph.
+on the top module) so that shared masks (q, k and v share one) are built once and autograd sees one graph. A
+method may give the per-block masks of a kind as one `(num_blocks, units)` tensor: it is split into rows once per
+forward (one operation, not one per block).
+
+Per-step cost matters (every operation is a kernel launch on a GPU). A mask that needs a gradient is folded into
+the weight rows and bias, x (m W)^T + m b, so that autograd keeps no (batch, tokens, out) activation for the mask's
+gradient; given as one `(num_blocks, units)` tensor, it is folded into all the linears it gates at once (one stack
+of their weights, one multiply, one split, whatever the number of blocks; `_FoldedWeights`). A constant mask (hard
+0/1 masks, fixed scales) multiplies the linear's output: one multiply forward and one backward.
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -27,25 +35,83 @@ class Masks:
     """Multipliers for one forward pass; `None` anywhere means "leave as is".
 
     Attributes:
-        qk: per block, `(num_heads * head_dim,)` multiplier of the q and k projections' outputs.
-        v: per block, `(num_heads * head_dim,)` multiplier of the v projection's output.
-        mlp: per block, `(intermediate_size,)` multiplier of fc1's output (before the activation).
+        qk: per block, `(num_heads * head_dim,)` multiplier of the q and k projections' outputs (a list with one
+            entry per block, or one `(num_blocks, num_heads * head_dim)` tensor).
+        v: per block, `(num_heads * head_dim,)` multiplier of the v projection's output (list or tensor, as qk).
+        mlp: per block, `(intermediate_size,)` multiplier of fc1's output, before the activation (list or tensor).
         hidden: `(hidden_size,)` multiplier of the embeddings' output (patches, prefix tokens and positions).
         hidden_keep: `(hidden_size,)` 0/1 indicator of the channels every LayerNorm normalises over; the others
             leave a LayerNorm as 0.
-        block_gates: per block, `(skip_weight, run_weight)`: output = run * block(x) + skip * x.
+        block_gates: per block, `(skip_weight, run_weight)`: output = run * block(x) + skip * x; a skip weight of
+            None means 1 - run (output = x + run * (block(x) - x), one multiply-add).
     """
 
-    qk: list[torch.Tensor | None] = field(default_factory=list)
-    v: list[torch.Tensor | None] = field(default_factory=list)
-    mlp: list[torch.Tensor | None] = field(default_factory=list)
+    qk: list[torch.Tensor | None] | torch.Tensor = field(default_factory=list)
+    v: list[torch.Tensor | None] | torch.Tensor = field(default_factory=list)
+    mlp: list[torch.Tensor | None] | torch.Tensor = field(default_factory=list)
     hidden: torch.Tensor | None = None
     hidden_keep: torch.Tensor | None = None
-    block_gates: list[tuple[torch.Tensor | float, torch.Tensor | float] | None] = field(default_factory=list)
+    block_gates: list[tuple[torch.Tensor | float | None, torch.Tensor | float] | None] = field(default_factory=list)
 
 
 class MaskProvider(Protocol):
     def compute_masks(self) -> Masks: ...
+
+
+class KeptChannelStatistics:
+    """What every masked LayerNorm of one forward shares: from the 0/1 `keep` (D channels, K kept), keep / K,
+    keep * a with a = sqrt(D / K), and every LayerNorm's rescaled affine terms weight * keep / a and bias * keep
+    (see `_KeptChannelLayerNorm`), computed for all LayerNorms at once. Built once per forward."""
+
+    def __init__(self, keep: torch.Tensor, layernorms: list[nn.Module]):
+        keep = keep.detach().float()
+        count = keep.sum()
+        scale = (keep.shape[-1] / count).sqrt()
+        self.keep = keep
+        self.keep_over_count = keep / count
+        self.scaled_keep = keep * scale
+        self.affine: dict[int, tuple] = {}
+        if layernorms and all(ln.weight is not None and ln.bias is not None for ln in layernorms):
+            weights = (torch.stack([ln.weight for ln in layernorms]).float() * (keep / scale)).unbind(0)
+            biases = (torch.stack([ln.bias for ln in layernorms]).float() * keep).unbind(0)
+            self.affine = {id(ln): pair for ln, pair in zip(layernorms, zip(weights, biases))}
+        else:
+            for ln in layernorms:
+                weight = None if ln.weight is None else ln.weight.float() * (keep / scale)
+                self.affine[id(ln)] = (weight, None if ln.bias is None else ln.bias.float() * keep)
+
+
+class _KeptChannelLayerNorm(torch.autograd.Function):
+    """LayerNorm statistics over the kept channels only, through one plain LayerNorm over all D channels.
+
+    The input is rewritten as x'' = mu + a * keep * (x - mu), mu = mean of the K kept channels, a = sqrt(D / K):
+    dropped channels become mu, so over all D channels x'' has mean mu and variance var_kept (the kept deviations
+    are scaled by a), and LayerNorm(x'') = a * (x - mu) / sqrt(var_kept + eps) on kept channels and 0 on dropped
+    ones. The affine weight is passed as weight * keep / a and the bias as bias * keep, so the result is exactly the
+    kept-channel LayerNorm with dropped channels 0. Written as an autograd Function (by hand: no library op
+    normalises over a channel subset) so that forward and backward cost a handful of tensor operations instead of
+    autograd through a dozen elementwise ones (25 of them per step in a ViT-S).
+    """
+
+    @staticmethod
+    def forward(ctx, x, keep_over_count, scaled_keep, weight, bias, eps: float):
+        mean = (x * keep_over_count).sum(-1, keepdim=True)
+        shifted = torch.addcmul(mean, x - mean, scaled_keep)
+        out, ln_mean, ln_rstd = torch.native_layer_norm(shifted, (x.shape[-1],), weight, bias, eps)
+        ctx.save_for_backward(shifted, ln_mean, ln_rstd, weight, bias, keep_over_count, scaled_keep)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        shifted, ln_mean, ln_rstd, weight, bias, keep_over_count, scaled_keep = ctx.saved_tensors
+        grad_shifted, grad_weight, grad_bias = torch.ops.aten.native_layer_norm_backward(
+            grad_out, shifted, (shifted.shape[-1],), ln_mean, ln_rstd, weight, bias,
+            [True, ctx.needs_input_grad[3], ctx.needs_input_grad[4]],
+        )
+        # d x''_c / d x_j = (keep_j / K)(1 - a keep_c) + a keep_c [c = j], and a LayerNorm's input gradient sums to 0
+        # over its channels, so grad_x = a * keep * (g'' - sum_c (keep_c / K) g''_c).
+        grad_x = scaled_keep * (grad_shifted - (grad_shifted * keep_over_count).sum(-1, keepdim=True))
+        return grad_x, None, None, grad_weight, grad_bias, None
 
 
 class MaskedLayerNorm(nn.Module):
@@ -65,42 +131,70 @@ class MaskedLayerNorm(nn.Module):
         self._state = [state]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        masks = self._state[0].current
-        keep = masks.hidden_keep if masks is not None else None
-        if keep is None:
+        statistics = self._state[0].kept_channel_statistics()
+        if statistics is None:
             return nn.functional.layer_norm(hidden_states, self.normalized_shape, self.weight, self.bias, self.eps)
         # Statistics in float32 (as nn.LayerNorm does under autocast).
-        x = hidden_states.float()
-        keep = keep.to(x.dtype)
-        count = keep.sum()
-        mean = (x * keep).sum(-1, keepdim=True) / count
-        centered = (x - mean) * keep
-        variance = centered.pow(2).sum(-1, keepdim=True) / count
-        normed = centered * torch.rsqrt(variance + self.eps)
-        out = (normed * self.weight.float() + self.bias.float()) * keep
-        return out.to(hidden_states.dtype)
+        x = hidden_states if hidden_states.dtype == torch.float32 else hidden_states.float()
+        weight, bias = statistics.affine[id(self)]
+        out = _KeptChannelLayerNorm.apply(x, statistics.keep_over_count, statistics.scaled_keep, weight, bias,
+                                          self.eps)
+        return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
 
 
 def _scale_output(mask_of):
     def hook(module, args, output):
-        mask = mask_of()
-        return output if mask is None else output * mask.to(output.dtype)
+        mask = mask_of(output.dtype)
+        return output if mask is None else output * mask
 
     return hook
 
 
-def _gated_linear_forward(linear: nn.Linear, mask_of):
-    """A forward for `linear` whose output unit j is scaled by mask[j]: x @ (m * W)^T + m * b."""
+class _BlockMix(torch.autograd.Function):
+    """x + r * (y - x), the block gate with skip weight 1 - r: two operations forward, four backward (by hand:
+    autograd through sub, mul and add takes six backward operations per block)."""
 
-    def forward(input: torch.Tensor) -> torch.Tensor:
-        mask = mask_of()
-        if mask is None:
-            return nn.functional.linear(input, linear.weight, linear.bias)
-        mask = mask.to(linear.weight.dtype)
-        bias = linear.bias * mask if linear.bias is not None else None
-        return nn.functional.linear(input, linear.weight * mask[:, None], bias)
+    @staticmethod
+    def forward(ctx, block_input, block_output, run):
+        difference = block_output - block_input
+        ctx.save_for_backward(difference, run)
+        return torch.addcmul(block_input, difference, run)
 
-    return forward
+    @staticmethod
+    def backward(ctx, grad):
+        difference, run = ctx.saved_tensors
+        grad_output = grad * run
+        grad_run = None
+        if ctx.needs_input_grad[2]:
+            grad_run = torch.sum(grad * difference, dtype=torch.float32)
+            grad_run = grad_run if run.dim() == 0 else grad_run.reshape(run.shape)
+            grad_run = grad_run if grad_run.dtype == run.dtype else grad_run.to(run.dtype)
+        return grad - grad_output, grad_output, grad_run
+
+
+class _FoldedWeights(torch.autograd.Function):
+    """m_b * W_(b, j) (rows scaled) for the weights (or biases) W_(b, j), all of one shape, of the `per_block`
+    linears of every block b (block-major order) gated by the per-block masks m `(num_blocks, out)`. Forward: one
+    stack, one multiply, one split; backward: one stack of the incoming gradients, two multiplies, one sum, one
+    split, however many weights (autograd through `torch.stack` adds one operation per weight, so this is written
+    by hand)."""
+
+    @staticmethod
+    def forward(ctx, masks, per_block: int, *weights):
+        stacked = torch.stack(weights)
+        stacked = stacked.view(masks.shape[0], per_block, *stacked.shape[1:])  # (blocks, per_block, out, ...)
+        rows = masks.view(masks.shape[0], 1, masks.shape[1], *([1] * (stacked.dim() - 3)))
+        ctx.save_for_backward(stacked, rows)
+        return (stacked * rows).flatten(0, 1).unbind(0)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        stacked, rows = ctx.saved_tensors
+        grads = torch.stack([torch.zeros_like(stacked[0, 0]) if g is None else g for g in grads]).view(stacked.shape)
+        grad_masks = None
+        if ctx.needs_input_grad[0]:
+            grad_masks = (grads * stacked).sum((1, *range(3, stacked.dim())))  # (blocks, out)
+        return (grad_masks, None, *(grads * rows).flatten(0, 1).unbind(0))
 
 
 class GateHandle:
@@ -111,6 +205,11 @@ class GateHandle:
         self.provider = provider
         self.parts = parts or model_parts(model)
         self.current: Masks | None = None
+        self._rows: dict[tuple, list] = {}  # per forward: (id of a mask, dtype) -> its rows in that dtype
+        self._folded: dict[int, dict[int, tuple]] = {}  # per forward: id of a mask -> {id(linear): (weight, bias)}
+        self._slots: list[tuple[nn.Linear, str, int]] = []  # gated linears with their mask kind and block
+        self._extra_slots: list[tuple[nn.Linear, str, int]] = []  # linears gated like one of them
+        self._statistics: KeptChannelStatistics | None = None  # per forward, for the masked LayerNorms
         self.enabled = True
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._gated_linears: list[nn.Linear] = []
@@ -122,12 +221,11 @@ class GateHandle:
     def _install(self) -> None:
         parts = self.parts
         self._hooks.append(self.model.register_forward_pre_hook(self._refresh_masks))
-        self._hooks.append(parts.embeddings.register_forward_hook(_scale_output(lambda: self._get("hidden"))))
+        self._hooks.append(parts.embeddings.register_forward_hook(
+            _scale_output(lambda dtype: self._mask("hidden", None, dtype))))
         for index, block in enumerate(parts.blocks):
-            self._gate_linear(block.q_proj, lambda i=index: self._get("qk", i))
-            self._gate_linear(block.k_proj, lambda i=index: self._get("qk", i))
-            self._gate_linear(block.v_proj, lambda i=index: self._get("v", i))
-            self._gate_linear(block.fc1, lambda i=index: self._get("mlp", i))
+            for linear, kind in ((block.q_proj, "qk"), (block.k_proj, "qk"), (block.v_proj, "v"), (block.fc1, "mlp")):
+                self._gate_linear(linear, kind, index)
             self._hooks.append(block.block.register_forward_hook(self._block_gate(index), with_kwargs=True))
         for parent, name in self._layernorm_slots():
             original = getattr(parent, name)
@@ -136,21 +234,73 @@ class GateHandle:
         if hasattr(self.provider, "install_hooks"):
             self.provider.install_hooks()
 
-    def _gate_linear(self, linear: nn.Linear, mask_of) -> None:
+    def _gate_linear(self, linear: nn.Linear, kind: str, index: int) -> None:
         # An instance attribute shadows nn.Linear.forward; deleting it restores the class's forward.
-        linear.forward = _gated_linear_forward(linear, mask_of)
+        linear.forward = functools.partial(self._gated_forward, linear, kind, index)
         self._gated_linears.append(linear)
-        self._mask_getters[linear] = mask_of
+        self._slots.append((linear, kind, index))
 
     def gates_output_of(self, linear: nn.Module) -> bool:
-        """Whether this handle gates `linear`'s output units (q/k/v projections and fc1)."""
-        return linear in self._mask_getters
+        """Whether this handle gates `linear`'s output units (q/k/v projections and fc1, or a `gate_like` one)."""
+        return any(linear is gated for gated, _, _ in self._slots + self._extra_slots)
 
     def gate_like(self, linear: nn.Linear, gated: nn.Linear) -> None:
-        """Gate `linear`'s output units with `gated`'s mask (folded into its weight rows, like `gated`'s; undone by
-        `remove()`). For a Linear whose output is added to `gated`'s, such as a LoRA update's B: the dense model
-        then computes what the exported model, which keeps only the gated Linear's kept units, computes."""
-        self._gate_linear(linear, self._mask_getters[gated])
+        """Gate `linear`'s output units with `gated`'s mask (undone by `remove()`). For a Linear whose output is
+        added to `gated`'s, such as a LoRA update's B: the dense model then computes what the exported model, which
+        keeps only the gated Linear's kept units, computes. Folded on its own, not in the batched fold of the
+        block linears (its weight has another shape)."""
+        kind, index = next((kind, index) for other, kind, index in self._slots if other is gated)
+        linear.forward = functools.partial(self._gated_forward, linear, kind, index)
+        self._gated_linears.append(linear)
+        self._extra_slots.append((linear, kind, index))
+
+    def _gated_forward(self, linear: nn.Linear, kind: str, index: int, input: torch.Tensor) -> torch.Tensor:
+        """`linear` with its output unit j scaled by block `index`'s mask of `kind` (see the module docstring)."""
+        masks = None if self.current is None else getattr(self.current, kind)
+        if masks is None or index >= len(masks):
+            return nn.functional.linear(input, linear.weight, linear.bias)
+        if torch.is_tensor(masks):  # one (num_blocks, out) tensor for all blocks
+            if masks.requires_grad:  # folded into the weights of every linear it gates, all at once
+                folded = self._folded_weights(masks).get(id(linear))
+                if folded is None:  # gated like another linear (`gate_like`): folded on its own
+                    mask = self._mask(kind, index, linear.weight.dtype)
+                    folded = (linear.weight * mask[:, None], None if linear.bias is None else linear.bias * mask)
+                return nn.functional.linear(input, *folded)
+            output = nn.functional.linear(input, linear.weight, linear.bias)
+            return output * self._mask(kind, index, output.dtype)
+        row = masks[index]
+        if row is None:
+            return nn.functional.linear(input, linear.weight, linear.bias)
+        if row.requires_grad:
+            mask = row.to(linear.weight.dtype)
+            bias = None if linear.bias is None else linear.bias * mask
+            return nn.functional.linear(input, linear.weight * mask[:, None], bias)
+        output = nn.functional.linear(input, linear.weight, linear.bias)
+        return output * self._mask(kind, index, output.dtype)
+
+    def _folded_weights(self, masks: torch.Tensor) -> dict[int, tuple]:
+        """(m * W, m * b) for every linear gated by the per-block masks `masks` (num_blocks, out): for all of them at
+        once (`_FoldedWeights`) when they come block after block, the same number per block (as q, k, v and fc1
+        do), else one by one. Reads no value from the device: shapes only."""
+        folded = self._folded.get(id(masks))
+        if folded is not None:
+            return folded
+        slots = [(linear, index) for linear, kind, index in self._slots
+                 if getattr(self.current, kind) is masks and index < len(masks)]
+        rows = masks.to(slots[0][0].weight.dtype)
+        per_block = len(slots) // len(rows)
+        if per_block * len(rows) == len(slots) and all(index == i // per_block for i, (_, index) in enumerate(slots)):
+            weights = _FoldedWeights.apply(rows, per_block, *[linear.weight for linear, _ in slots])
+            if all(linear.bias is not None for linear, _ in slots):
+                biases = _FoldedWeights.apply(rows, per_block, *[linear.bias for linear, _ in slots])
+            else:
+                biases = [None if linear.bias is None else linear.bias * rows[index] for linear, index in slots]
+        else:
+            weights = [linear.weight * rows[index, :, None] for linear, index in slots]
+            biases = [None if linear.bias is None else linear.bias * rows[index] for linear, index in slots]
+        folded = {id(linear): (weight, bias) for (linear, _), weight, bias in zip(slots, weights, biases)}
+        self._folded[id(masks)] = folded
+        return folded
 
     def _layernorm_slots(self):
         for block in self.parts.blocks:
@@ -159,7 +309,37 @@ class GateHandle:
         yield self.parts.backbone, "layernorm"
 
     def _refresh_masks(self, module, args):
+        self._rows = {}
+        self._folded = {}
+        self._statistics = None
         self.current = self.provider.compute_masks() if self.enabled else None
+
+    def kept_channel_statistics(self) -> KeptChannelStatistics | None:
+        """The LayerNorms' shared kept-channel statistics for this forward (None: every channel is kept)."""
+        keep = None if self.current is None else self.current.hidden_keep
+        if keep is None:
+            return None
+        if self._statistics is None:
+            layernorms = [getattr(parent, name) for parent, name, _ in self._swapped]
+            self._statistics = KeptChannelStatistics(keep, layernorms)
+        return self._statistics
+
+    def _mask(self, kind: str, index: int | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """Mask `kind` of block `index` (None: a global mask) in `dtype`. Per-block masks are split into rows and
+        cast once per forward and kind (masks shared by several layers, such as q/k/v's in OFB, once for all)."""
+        masks = self.current
+        value = None if masks is None else getattr(masks, kind)
+        if value is None or index is None:
+            return None if value is None else value.to(dtype)
+        key = (id(value), dtype)
+        rows = self._rows.get(key)
+        if rows is None:
+            if torch.is_tensor(value):
+                rows = value.to(dtype).unbind(0)
+            else:
+                rows = [None if row is None else row.to(dtype) for row in value]
+            self._rows[key] = rows
+        return rows[index] if index < len(rows) else None
 
     def _get(self, kind: str, index: int | None = None):
         masks = self.current
@@ -179,6 +359,10 @@ class GateHandle:
             block_input = args[0] if args else kwargs["hidden_states"]
             if isinstance(run, (int, float)) and run == 0:
                 return block_input  # a removed block contributes nothing (and no NaN can leak through 0 * x)
+            if skip is None:
+                if not torch.is_tensor(run):
+                    return block_input + run * (output - block_input)
+                return _BlockMix.apply(block_input, output, run)
             return run * output + skip * block_input
 
         return hook
@@ -192,7 +376,8 @@ class GateHandle:
         for linear in self._gated_linears:
             del linear.forward
         self._gated_linears.clear()
-        self._mask_getters.clear()
+        self._slots.clear()
+        self._extra_slots.clear()
         for parent, name, original in self._swapped:
             setattr(parent, name, original)
         self._swapped.clear()

@@ -21,6 +21,7 @@ from transformers.utils import logging
 from .architecture import Architecture
 from .checkpoints import ResumeChecks, RunAlreadyComplete
 from .config import CompressionConfig
+from .device_logs import DeviceHistory, DeviceLogAccumulator
 from .distill import distillation_loss, frozen_teacher_copy
 from .export import export_compressed_model
 from .gating import install_gates
@@ -60,6 +61,12 @@ class CompressionTrainer(ResumeChecks, Trainer):
             whole run counts as one epoch.
         **kwargs: everything else `transformers.Trainer` takes (train_dataset, eval_dataset, data_collator,
             compute_metrics, callbacks, ...).
+
+    A training step reads nothing back from the device outside logging steps (a GPU runs ahead of Python): the
+    method's logged terms are summed on the device (`trainer.method_logs.last` holds the last step's terms by name
+    as 0-dim tensors, `trainer.method_logs.totals()` their sums since the last log) and read in one transfer when
+    the Trainer logs. Non-finite values are recorded on the device too and checked at logging and save steps
+    (`health.py`); transformers' `logging_nan_inf_filter`, a host read of every step's loss, is switched off.
     """
 
     def __init__(
@@ -122,12 +129,13 @@ class CompressionTrainer(ResumeChecks, Trainer):
         self.health = TrainingHealth("task loss (distillation)" if teacher is not None else "task loss (cross-entropy)")
         # The loss is a per-batch mean; let the Trainer divide by gradient_accumulation_steps itself.
         self.model_accepts_loss_kwargs = False
-        self.compression_history: list[dict] = []
         #: every evaluate()/evaluate_dense() result, for the model card: {"kind", "step", "prefix", "metrics"}
         self.evaluations: list[dict] = []
         #: model card facts only the caller knows (publish.CARD_INFO_KEYS: dataset ids, license, eval dataset, ...)
         self.model_card_info: dict = {}
-        self._method_logs: dict[str, list[float]] = {}
+        # The method's per-step terms and the search history stay on the device between logging steps.
+        self.method_logs = DeviceLogAccumulator()
+        self._history = DeviceHistory()
         self.add_callback(HealthCallback(self))  # first: reports a non-finite search state before it is finalised
         self.add_callback(CompressionCallback(self))
 
@@ -139,6 +147,11 @@ class CompressionTrainer(ResumeChecks, Trainer):
     @property
     def search_steps(self) -> int:
         return self.method.total_search_steps
+
+    @property
+    def compression_history(self) -> list[dict]:
+        """The search's recorded values (`{"step": ..., **method.snapshot()}`), as Python numbers."""
+        return self._history.records()
 
     # -- optimizer ---------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -188,10 +201,10 @@ class CompressionTrainer(ResumeChecks, Trainer):
         loss = task_loss
         if model.training:
             loss, logs = self.method.loss(task_loss, outputs.logits, inputs)
-            logs = {"task_loss": float(task_loss.detach()), **logs}
+            logs = {"task_loss": task_loss.detach(), **logs}
             self.health.record_losses(self.state.global_step + 1, {"loss": loss, **logs})
-            for key, value in logs.items():
-                self._method_logs.setdefault(key, []).append(value)
+            # summed on the device, read at logging steps; `method_logs.last` holds this step's terms by name
+            self.method_logs.add(logs)
             if isinstance(model, nn.parallel.DistributedDataParallel):
                 loss = loss + self._zero_gradient_term(model.module)
         return (loss, outputs) if return_outputs else loss
@@ -230,11 +243,14 @@ class CompressionTrainer(ResumeChecks, Trainer):
     # -- logging -----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the method's averaged terms and its schedules
-            for key, values in self._method_logs.items():
-                logs[key] = sum(values) / len(values)
-            self._method_logs = {}
+            logs.update(self.method_logs.pop_means())  # one read of the device for all terms of all steps
             logs.update(self.method.metrics())
+            self._history.records()  # convert the history recorded since the last log, in one read
         super().log(logs, start_time)
+
+    def record_history(self, step: int) -> None:
+        """Append the method's `snapshot()` at `step` to the history (device values are read later, in bulk)."""
+        self._history.append(step, self.method.snapshot())
 
     # -- results -----------------------------------------------------------------------------------------------
     def finalize_architecture(self) -> Architecture:
@@ -435,4 +451,4 @@ class CompressionCallback(TrainerCallback):
     def _record(self, step: int, method: CompressionMethod) -> None:
         every = max(1, method.total_search_steps // 200)
         if step % every == 0 or method.search_finished:
-            self.trainer.compression_history.append({"step": step, **method.snapshot()})
+            self.trainer.record_history(step)

@@ -587,3 +587,82 @@ def test_projection_fills_the_budget_after_every_module_collapsed(collapse_to):
             index = int(name.split(".")[1])
             kept = set(module.final_keep.nonzero().flatten().tolist())
             assert kept <= set(architecture.layers[index].mlp_neurons)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched modules: the same values as one module at a time
+# ---------------------------------------------------------------------------------------------------------------
+def test_batched_importance_logits_are_drawn_module_after_module():
+    """Attention of every block, then MLP of every block, then the embedding, each module's logits drawn in turn:
+    the initial state of one module per block."""
+    model = make_vit_classifier()
+    torch.manual_seed(7)
+    method = OFBMethod(model, CompressionConfig(method="ofb", target_flops=0.5))
+    torch.manual_seed(7)
+    expected = []
+    for shape in [method.attention.score_logits.shape[1:]] * 2 + [method.mlp.score_logits.shape[1:]] * 2 + [
+            method.embed.score_logits.shape]:
+        logits = torch.empty(shape)
+        torch.nn.init.trunc_normal_(logits, std=0.2, a=-0.4, b=0.4)
+        expected.append(logits)
+    got = [*method.attention.score_logits.detach(), *method.mlp.score_logits.detach(), method.embed.score_logits]
+    for a, b in zip(got, expected):
+        assert torch.equal(a.detach(), b)
+
+
+def test_total_module_loss_equals_the_sum_of_per_module_losses_by_hand():
+    from hf_vit_compress.methods.ofb_modules import total_module_loss
+
+    model = make_vit_classifier()
+    method = OFBMethod(model, CompressionConfig(method="ofb", target_flops=0.5))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for module in method.searchable_modules().values():
+            module.alpha.copy_(torch.randn(module.alpha.shape, generator=generator))
+        method.mlp.active[1, :3] = False  # K = 4 of 7 in one MLP module
+        method.embed.active[-5:] = False
+    method.attention[0].fix(3)  # a final module contributes nothing
+    eps, expected = method.settings.sigma_eps, 0.0
+    for name, module in method.searchable_modules().items():
+        if bool(module.is_final):
+            continue
+        p = module.probabilities().detach()[module.active].tolist()
+        k = len(p)
+        entropy = -sum(x * math.log(x) for x in p)
+        sigma = min(max(sum((x - 1 / k) ** 2 for x in p) / (1 - 1 / k), eps), 1 - eps)
+        expected += entropy + 1 / math.tan(math.pi * sigma) / k
+        coefficient = method.settings.norm_coefficient_attention if name.startswith("attn") else \
+            method.settings.norm_coefficient_other
+        expected += coefficient * float(module.importance().detach().sum())
+    groups = list(method.groups().values())
+    got = total_module_loss(groups, [g.probabilities() for g in groups], [g.importance() for g in groups])
+    assert float(got.detach()) == pytest.approx(expected, rel=1e-5)
+    assert float(sum(g.module_loss().sum() for g in groups).detach()) == pytest.approx(expected, rel=1e-5)
+
+
+def test_checkpoints_with_one_entry_per_module_still_load():
+    model, method, handle = gated_ofb(target=0.5)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module in method.searchable_modules().values():
+            module.alpha.copy_(torch.randn(module.alpha.shape, generator=generator))
+    method.mlp.eliminate(0.5)
+    method.attention[1].fix(2)
+    state = model.state_dict()
+    old_layout = {}
+    for key, value in state.items():
+        group = next((g for g in ("attention", "mlp") if key.startswith(f"compression.{g}.")), None)
+        if group is None:
+            old_layout[key] = value
+            continue
+        name = key.split(".")[-1]
+        for index in range(len(method.attention)):  # the layout of one module per block
+            old_layout[f"compression.{group}.{index}.{name}"] = value if name in (
+                "widths", "head_counts", "dim_counts") else value[index]
+    handle.remove()
+    fresh_model, fresh, _ = gated_ofb(target=0.5, seed=5)
+    fresh_model.load_state_dict(old_layout)
+    for name in ("score_logits", "alpha", "active", "is_final", "final_keep"):
+        assert torch.equal(getattr(fresh.attention, name), getattr(method.attention, name)), name
+        assert torch.equal(getattr(fresh.mlp, name), getattr(method.mlp, name)), name
+    assert fresh.decide().same_units(method.decide())

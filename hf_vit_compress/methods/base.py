@@ -62,6 +62,9 @@ class CompressionMethod(nn.Module):
         self.total_search_steps = 1
         self.steps_per_epoch = 1.0
         self.register_buffer("finalized", torch.tensor(False))
+        # Host copy of `finalized`, read every step: reading the buffer would synchronise with the device. Kept in
+        # step by finalize(), state-dict loads and state_changed().
+        self._finalized = False
         self.final_architecture: Architecture | None = None
 
     parts: ModelParts
@@ -85,12 +88,16 @@ class CompressionMethod(nn.Module):
 
     @property
     def search_finished(self) -> bool:
-        return bool(self.finalized)
+        return self._finalized
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._finalized = bool(self.finalized)  # a load is rare: reading the device here is fine
 
     # -- forward -----------------------------------------------------------------------------------------------
     def compute_masks(self) -> Masks:
         """Masks for this forward. After `finalize()`, the hard masks of the final architecture."""
-        if self.final_architecture is None and bool(self.finalized):
+        if self.final_architecture is None and self._finalized:
             self.final_architecture = self.decide()  # resumed from a checkpoint saved after the search
         if self.final_architecture is not None:
             if getattr(self, "_final_masks", None) is None:
@@ -103,7 +110,8 @@ class CompressionMethod(nn.Module):
 
     # -- losses ------------------------------------------------------------------------------------------------
     def loss(self, task_loss: torch.Tensor, logits: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, dict]:
-        """Total loss from the task (CE or distillation) loss; returns it and floats to log."""
+        """Total loss from the task (CE or distillation) loss, and the terms to log by name as detached 0-dim
+        tensors on the device (the trainer averages them there and reads them only at logging steps)."""
         return task_loss, {}
 
     # -- optimisation ------------------------------------------------------------------------------------------
@@ -130,6 +138,7 @@ class CompressionMethod(nn.Module):
             self.final_architecture = self.decide()
             self._final_masks = None
             self.finalized.fill_(True)
+            self._finalized = True
         return self.final_architecture
 
     def export_architecture(self) -> Architecture:
@@ -138,11 +147,14 @@ class CompressionMethod(nn.Module):
         return self.finalize()
 
     def metrics(self) -> dict[str, float]:
-        """Scalars to log (lambda, mask ratio, expected MACs ratio, ...)."""
+        """Scalars to log (lambda, mask ratio, expected MACs ratio, ...). Called at logging steps only: it may read
+        values from the device."""
         return {}
 
-    def snapshot(self) -> dict[str, float]:
-        """Scalars recorded through the search for the report's plot (defaults to `metrics()`)."""
+    def snapshot(self) -> dict[str, float | torch.Tensor]:
+        """Scalars recorded through the search for the report's plot (defaults to `metrics()`). Values may be
+        floats or 0-dim tensors; the trainer keeps tensors on the device and converts them in bulk later, so a
+        method that returns tensors costs no synchronisation at recording steps."""
         return self.metrics()
 
     def architecture_macs(self, architecture: Architecture) -> int:
@@ -186,4 +198,5 @@ class CompressionMethod(nn.Module):
         from them. After the search that is the final architecture and its masks (re-derived by `decide()`, which
         every method answers from its final buffers once `finalized` is set)."""
         self._final_masks = None
-        self.final_architecture = self.decide() if bool(self.finalized) else None
+        self._finalized = bool(self.finalized)
+        self.final_architecture = self.decide() if self._finalized else None

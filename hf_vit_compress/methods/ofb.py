@@ -4,227 +4,34 @@ Every searchable module (per block: attention over a (heads x head-dim) grid, ML
 width) holds importance logits s (S = sigmoid(s), one per unit) and architecture logits alpha (one per candidate
 width). Units are ranked by S; the sparsity score of the unit at rank rho is V_rho = sum_k p_k [width_k > rho]
 with p = softmax(alpha over active candidates); the unit's output is scaled by m = lambda * S + (1 - lambda) * V.
+The modules and their formulas are in `ofb_modules` (all blocks of a kind batched in one module); this file holds
+the method: schedules, losses, elimination and decisions.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
 from ..architecture import Architecture, LayerArchitecture
-from ..config import CompressionConfig, OFBConfig
-from ..flops import macs_from_widths
+from ..config import CompressionConfig
+from ..flops import macs_from_width_tensors, macs_from_widths
 from ..gating import Masks
 from ..pmim import PMIM
 from .base import CompressionMethod
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Search space
-# ---------------------------------------------------------------------------------------------------------------
-def _round_width(width: float, size: int, multiple: int) -> int:
-    if multiple > 1 and size >= 8 * multiple:
-        return int(min(size, max(multiple, round(width / multiple) * multiple)))
-    return int(min(size, max(1, round(width))))
-
-
-def width_choices(size: int, ratios: list[float], multiple: int) -> list[int]:
-    """Distinct candidate widths (ascending) for a dimension of `size` units."""
-    return sorted({_round_width(ratio * size, size, multiple) for ratio in ratios})
-
-
-def head_choices(num_heads: int, settings: OFBConfig) -> list[int]:
-    """Candidate head counts: the configured ones, else 1..H for H <= 4, else even counts up to H (and H)."""
-    if settings.head_choices is not None:
-        choices = {h for h in settings.head_choices if h <= num_heads}
-        if not choices:
-            raise ValueError(
-                f"CompressionConfig.ofb.head_choices={settings.head_choices} has no entry <= num_attention_heads "
-                f"({num_heads})"
-            )
-        return sorted(choices)
-    if num_heads <= 4:
-        return list(range(1, num_heads + 1))
-    return sorted(set(range(2, num_heads + 1, 2)) | {num_heads})
-
-
-def embed_choices(hidden_size: int, settings: OFBConfig) -> list[int]:
-    step = settings.embed_step or max(1, min(hidden_size // 32, 12))
-    narrowest = math.ceil(settings.embed_min_ratio * hidden_size)
-    widths = list(range(hidden_size, narrowest - 1, -step))
-    return sorted({_round_width(w, hidden_size, settings.channel_multiple) for w in widths})
-
-
-def _ranks(scores: torch.Tensor) -> torch.Tensor:
-    """Rank of every entry along the last dim, 0 = highest score (ties broken by index, deterministically)."""
-    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-    return ranks
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Loss terms (pure functions, pinned by unit tests)
-# ---------------------------------------------------------------------------------------------------------------
-def sparsity_scores(probabilities: torch.Tensor, widths: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
-    """V for units at `ranks`: sum_k p_k * [width_k > rank]. Differentiable in `probabilities` only."""
-    keeps = (widths.unsqueeze(-1) > ranks.unsqueeze(0)).to(probabilities.dtype)
-    return (probabilities.unsqueeze(-1) * keeps).sum(0)
-
-
-def one_hot_loss(probabilities: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """Entropy + cot(pi * sigma) / K over the K given (active) candidate probabilities.
-
-    sigma = sum_k (p_k - 1/K)^2 / (1 - 1/K) is 0 at uniform p and 1 at one-hot; it is clamped into
-    (eps, 1 - eps) so the cotangent stays finite (+inf at uniform, -inf at one-hot otherwise).
-    """
-    num = probabilities.numel()
-    if num < 2:
-        return probabilities.new_zeros(())
-    entropy = -(probabilities * torch.log(probabilities.clamp_min(1e-12))).sum()
-    sigma = ((probabilities - 1.0 / num) ** 2).sum() / (1.0 - 1.0 / num)
-    sigma = sigma.clamp(eps, 1.0 - eps)
-    return entropy + 1.0 / torch.tan(math.pi * sigma) / num
-
-
-def linear_schedule(progress: float, warmup: float, start: float, end: float) -> float:
-    """`start` -> `end` linearly while progress (fraction of the search) < warmup, then `end`."""
-    if warmup <= 0 or progress >= warmup:
-        return end
-    return start + (end - start) * max(progress, 0.0) / warmup
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Searchable modules
-# ---------------------------------------------------------------------------------------------------------------
-class SearchableWidth(nn.Module):
-    """Bi-mask over a unit axis with candidate widths: MLP neurons, or embedding channels.
-
-    Buffers `active` (candidates still in play), `is_final` and `final_keep` (the kept units once one candidate
-    is left) make the search state part of every checkpoint.
-
-    Args:
-        unit_shape: shape of the unit grid ((units,) here; (heads, head_dim) for attention).
-        widths: units kept by each candidate.
-        score_std: std of the truncated-normal init of the importance logits.
-        norm_coefficient: c of the norm term c * sum(S).
-        sigma_eps: clamp of sigma in the one-hot loss.
-    """
-
-    def __init__(self, unit_shape, widths: list[int], score_std: float, norm_coefficient: float, sigma_eps: float):
-        super().__init__()
-        self.score_logits = nn.Parameter(torch.empty(unit_shape))
-        nn.init.trunc_normal_(self.score_logits, std=score_std, a=-2 * score_std, b=2 * score_std)
-        self.alpha = nn.Parameter(torch.zeros(len(widths)))
-        self.register_buffer("widths", torch.tensor(widths, dtype=torch.long))
-        self.register_buffer("active", torch.ones(len(widths), dtype=torch.bool))
-        self.register_buffer("is_final", torch.tensor(False))
-        self.register_buffer("final_keep", torch.zeros(unit_shape, dtype=torch.bool))
-        self.norm_coefficient = norm_coefficient
-        self.sigma_eps = sigma_eps
-
-    # p over all candidates (eliminated ones get exactly 0)
-    def probabilities(self) -> torch.Tensor:
-        return self.alpha.float().masked_fill(~self.active, float("-inf")).softmax(-1)
-
-    def importance(self) -> torch.Tensor:
-        return torch.sigmoid(self.score_logits.float())
-
-    def ranking_scores(self) -> torch.Tensor:
-        """Importance used for ranking; once final, units outside the kept set rank below every kept one (in their
-        own importance order, so a final module widened by the budget projection takes the next-best units). The
-        offset exceeds any row sum of importances, so heads ranked by their sum stay below kept heads too."""
-        importance = self.importance().detach()
-        if not bool(self.is_final):
-            return importance
-        return importance - (~self.final_keep) * (2.0 * importance.shape[-1] + 2.0)
-
-    def sparsity(self) -> torch.Tensor:
-        if bool(self.is_final):
-            return self.final_keep.float()
-        return sparsity_scores(self.probabilities(), self.widths, _ranks(self.ranking_scores()))
-
-    def mask(self, lam: float) -> torch.Tensor:
-        scores = lam * self.importance() + (1 - lam)
-        if bool(self.is_final):
-            return scores * self.final_keep  # the learnable scale that export folds in
-        return lam * self.importance() + (1 - lam) * self.sparsity()
-
-    def module_loss(self) -> torch.Tensor:
-        if bool(self.is_final):
-            return self.alpha.new_zeros(())
-        probabilities = self.probabilities()[self.active]
-        return one_hot_loss(probabilities, self.sigma_eps) + self.norm_coefficient * self.importance().sum()
-
-    def eliminate(self, threshold: float) -> int:
-        """Switch off candidates with p <= threshold / K_active; finalise when one is left. Returns #removed."""
-        if bool(self.is_final):
-            return 0
-        with torch.no_grad():
-            probabilities = self.probabilities()
-            num_active = int(self.active.sum())
-            weak = self.active & (probabilities <= threshold / num_active)
-            weak[probabilities.argmax()] = False  # never switch off the leader
-            self.active &= ~weak
-            if int(self.active.sum()) == 1:
-                self.fix(int(self.active.nonzero()[0]))
-        return int(weak.sum())
-
-    def fix(self, choice: int, keep: torch.Tensor | None = None) -> None:
-        """Make candidate `choice` final, keeping `keep` (default: its top units by importance) from now on."""
-        with torch.no_grad():
-            keep = self.keep_for(choice) if keep is None else keep
-            self.active.zero_()
-            self.active[choice] = True
-            self.final_keep.copy_(keep)
-            self.is_final.fill_(True)
-
-    def keep_for(self, choice: int) -> torch.Tensor:
-        """Units that candidate `choice` keeps: the top `widths[choice]` by importance (inside the kept set once
-        final, so a final module can still be shrunk by the budget projection)."""
-        if bool(self.is_final) and choice == self.current_choice():
-            return self.final_keep.clone()
-        return _ranks(self.ranking_scores()) < self.widths[choice]
-
-    def current_choice(self) -> int:
-        return int(self.active.nonzero()[0]) if bool(self.is_final) else int(self.probabilities().argmax())
-
-
-class SearchableAttention(SearchableWidth):
-    """Joint (number of heads x per-head dim) search over a (H, head_dim) unit grid shared by q, k and v.
-
-    Heads are ranked by the sum of their importance; channels are ranked inside each head.
-    """
-
-    def __init__(self, num_heads, head_dim, heads: list[int], dims: list[int], score_std, norm_coefficient,
-                 sigma_eps):
-        # candidate (i, j) keeps heads[i] * dims[j] units; flattened row-major like alpha
-        widths = [h * d for h in heads for d in dims]
-        super().__init__((num_heads, head_dim), widths, score_std, norm_coefficient, sigma_eps)
-        self.register_buffer("head_counts", torch.tensor(heads, dtype=torch.long))
-        self.register_buffer("dim_counts", torch.tensor(dims, dtype=torch.long))
-
-    def _ranks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.ranking_scores()
-        return _ranks(scores.sum(-1)), _ranks(scores)
-
-    def sparsity(self) -> torch.Tensor:
-        if bool(self.is_final):
-            return self.final_keep.float()
-        head_rank, channel_rank = self._ranks()
-        probabilities = self.probabilities().view(len(self.head_counts), len(self.dim_counts))
-        head_keep = (self.head_counts[:, None] > head_rank[None, :]).to(probabilities.dtype)  # (I, H)
-        channel_keep = (self.dim_counts[:, None, None] > channel_rank[None]).to(probabilities.dtype)  # (J, H, d)
-        return torch.einsum("ij,ih,jhc->hc", probabilities, head_keep, channel_keep)
-
-    def keep_for(self, choice: int) -> torch.Tensor:
-        if bool(self.is_final) and choice == self.current_choice():
-            return self.final_keep.clone()
-        head_rank, channel_rank = self._ranks()
-        i, j = divmod(choice, len(self.dim_counts))
-        return (head_rank[:, None] < self.head_counts[i]) & (channel_rank < self.dim_counts[j])
+from .ofb_modules import (  # noqa: F401  (re-exported: the search space and loss terms are part of this API)
+    ModuleView,
+    SearchableAttention,
+    SearchableWidth,
+    embed_choices,
+    head_choices,
+    linear_schedule,
+    one_hot_loss,
+    padded_candidates,
+    sparsity_scores,
+    total_module_loss,
+    width_choices,
+)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,20 +49,16 @@ class OFBMethod(CompressionMethod):
         geo = self.geometry
         self.heads_grid = head_choices(geo.num_heads, settings)
         self.dims_grid = width_choices(geo.head_dim, settings.head_dim_ratios, settings.channel_multiple)
-        self.attention = nn.ModuleList(
-            SearchableAttention(
-                geo.num_heads, geo.head_dim, self.heads_grid, self.dims_grid,
-                settings.score_init_std, settings.norm_coefficient_attention, settings.sigma_eps,
-            )
-            for _ in range(geo.num_layers)
+        # Built in this order (attention of every block, MLP of every block, embedding), each drawing its
+        # importance logits module after module: the same initial state as one module per block.
+        self.attention = SearchableAttention(
+            geo.num_heads, geo.head_dim, self.heads_grid, self.dims_grid, settings.score_init_std,
+            settings.norm_coefficient_attention, settings.sigma_eps, num_modules=geo.num_layers,
         )
         mlp_widths = width_choices(geo.intermediate_size, settings.mlp_ratios, settings.channel_multiple)
-        self.mlp = nn.ModuleList(
-            SearchableWidth(
-                (geo.intermediate_size,), mlp_widths, settings.score_init_std, settings.norm_coefficient_other,
-                settings.sigma_eps,
-            )
-            for _ in range(geo.num_layers)
+        self.mlp = SearchableWidth(
+            (geo.intermediate_size,), mlp_widths, settings.score_init_std, settings.norm_coefficient_other,
+            settings.sigma_eps, num_modules=geo.num_layers,
         )
         self.embed = SearchableWidth(
             (geo.hidden_size,), embed_choices(geo.hidden_size, settings), settings.score_init_std,
@@ -264,11 +67,18 @@ class OFBMethod(CompressionMethod):
         self.pmim = PMIM(self.parts, settings.pmim_window) if settings.pmim else None
         self.lam = settings.lambda_start
         self.progress = 0.0
-        self._last_logs: dict[str, float] = {}
+        # (probabilities, importance, sparsity) per group from the last forward with gradients, which loss() reuses
+        self._forward_terms: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+        self._candidates: tuple | None = None  # (buffer versions, padded_candidates(...)), reused while unchanged
         self._check_budget_reachable()
 
     # -- helpers -----------------------------------------------------------------------------------------------
-    def searchable_modules(self) -> dict[str, SearchableWidth]:
+    def groups(self) -> dict[str, SearchableWidth]:
+        """The batched modules by kind: attention (every block), mlp (every block), embed (one)."""
+        return {"attention": self.attention, "mlp": self.mlp, "embed": self.embed}
+
+    def searchable_modules(self) -> dict[str, SearchableWidth | ModuleView]:
+        """Every searchable module by name (embed, attn.i, mlp.i), as views into the batched groups."""
         modules = {"embed": self.embed}
         for index, (attention, mlp) in enumerate(zip(self.attention, self.mlp)):
             modules[f"attn.{index}"] = attention
@@ -318,68 +128,85 @@ class OFBMethod(CompressionMethod):
     def on_step_end(self, step: int) -> None:
         if self.search_finished or (step + 1) % self.elimination_interval() != 0:
             return
-        for module in self.searchable_modules().values():
-            module.eliminate(self.settings.elimination_threshold)
+        for group in self.groups().values():  # all modules at once, on device
+            group.eliminate(self.settings.elimination_threshold)
 
     # -- masks -------------------------------------------------------------------------------------------------
+    def _terms(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(probabilities, importance S, sparsity V) of every group, each computed once."""
+        terms = {}
+        for name, group in self.groups().items():
+            probabilities, importance = group.probabilities(), group.importance()
+            terms[name] = (probabilities, importance, group.sparsity(probabilities, importance))
+        return terms
+
     def search_masks(self) -> Masks:
         lam = self.lam
-        masks = Masks()
-        for attention, mlp in zip(self.attention, self.mlp):
-            attention_mask = attention.mask(lam).flatten()
-            masks.qk.append(attention_mask)
-            masks.v.append(attention_mask)
-            masks.mlp.append(mlp.mask(lam))
-            masks.block_gates.append(None)
-        masks.hidden = self.embed.mask(lam)
-        keep = (self.embed.sparsity().detach() > 0).float()
-        masks.hidden_keep = None if bool(keep.all()) else keep
+        terms = self._terms()
+        # The forward's terms are the loss's too (same parameters until the optimizer steps): computed once.
+        self._forward_terms = terms if torch.is_grad_enabled() else None
+        attention = self.attention.mask(lam, *terms["attention"][1:]).flatten(-2)  # (L, H * d), shared by q/k/v
+        embed_sparsity = terms["embed"][2]
+        masks = Masks(qk=attention, v=attention, mlp=self.mlp.mask(lam, *terms["mlp"][1:]),
+                      hidden=self.embed.mask(lam, *terms["embed"][1:]))
+        if not self.embed.keeps_every_unit():  # a host-side answer: no device read per step
+            masks.hidden_keep = (embed_sparsity.detach() > 0).float()
         return masks
 
     def compute_masks(self) -> Masks:
         # One formula before and after finalize(): final modules yield (lambda * S + 1 - lambda) on their kept
         # units, a learnable scale that fine-tuning keeps training and export folds in.
-        if self.final_architecture is None and bool(self.finalized):
+        if self.final_architecture is None and self._finalized:
             self.final_architecture = self.decide()  # resumed from a checkpoint saved after the search
         return self.search_masks()
 
     # -- losses ------------------------------------------------------------------------------------------------
-    def expected_macs(self) -> torch.Tensor:
-        """Differentiable expected MACs from the summed V masks (expected widths)."""
-        return self._macs_for(
-            self.embed.sparsity().sum(),
-            [a.sparsity().sum() for a in self.attention],
-            [m.sparsity().sum() for m in self.mlp],
-        )
+    def _padded_candidates(self) -> tuple:
+        """`padded_candidates` of the groups, recomputed only when their `active` / `is_final` buffers changed."""
+        groups = self.groups().values()
+        key = tuple((g.active._version, g.is_final._version, g.finality() is None) for g in groups)
+        if self._candidates is None or self._candidates[0] != key:
+            self._candidates = (key, padded_candidates(list(groups)))
+        return self._candidates[1]
+
+    def expected_macs(self, terms: dict | None = None) -> torch.Tensor:
+        """Differentiable expected MACs from the summed V masks (expected widths), all blocks at once."""
+        terms = self._terms() if terms is None else terms
+        attention_widths = terms["attention"][2].sum((-2, -1))
+        return macs_from_width_tensors(self.geometry, terms["embed"][2].sum(), attention_widths, attention_widths,
+                                       terms["mlp"][2].sum(-1))
 
     def loss(self, task_loss: torch.Tensor, logits: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, dict]:
-        logs: dict[str, float] = {}
+        logs: dict[str, torch.Tensor] = {}
+        terms, self._forward_terms = self._forward_terms, None
         if self.search_finished:
             return task_loss, logs
+        terms = self._terms() if terms is None else terms
         settings = self.settings
         total = task_loss
         if self.pmim is not None:
             reconstruction = self.pmim.reconstruction_loss(inputs["pixel_values"])
             if reconstruction is not None:
-                weight = (task_loss.detach() / reconstruction.detach().clamp_min(1e-8)).item()
+                weight = task_loss.detach() / reconstruction.detach().clamp_min(1e-8)  # CE / L_rec, a constant
                 total = total + weight * reconstruction
-                logs["pmim_loss"] = float(reconstruction.detach())
-        module_losses = sum(module.module_loss() for module in self.searchable_modules().values())
-        expected = self.expected_macs()
+                logs["pmim_loss"] = reconstruction.detach()
+        groups = list(self.groups().values())
+        module_losses = total_module_loss(groups, [terms[name][0] for name in self.groups()],
+                                          [terms[name][1] for name in self.groups()], self._padded_candidates())
+        expected = self.expected_macs(terms)
         flops_loss = ((expected - self.target_macs) / self.dense_macs) ** 2
         total = total + settings.module_loss_weight * module_losses + settings.flops_loss_weight * flops_loss
         logs.update(
-            module_loss=float(module_losses.detach()),
-            flops_loss=float(flops_loss.detach()),
-            expected_macs_ratio=float(expected.detach()) / self.dense_macs,
+            module_loss=module_losses.detach(),
+            flops_loss=flops_loss.detach(),
+            expected_macs_ratio=expected.detach() / self.dense_macs,
         )
-        self._last_logs = logs
         return total, logs
 
     # -- optimisation ------------------------------------------------------------------------------------------
     def optimizer_groups(self, learning_rate: float) -> list[dict]:
         settings = self.settings
-        modules = self.searchable_modules().values()
+        modules = self.groups().values()
         groups = [
             {
                 "params": [m.alpha for m in modules],
@@ -405,7 +232,7 @@ class OFBMethod(CompressionMethod):
     def _decide_choices(self) -> dict[str, int]:
         modules = self.searchable_modules()
         choices = {name: module.current_choice() for name, module in modules.items()}
-        if bool(self.finalized):
+        if self._finalized:
             return choices  # fixed by finalize(): the same units every time (only the scales keep training)
         return self._project_to_budget(modules, choices)
 
@@ -419,19 +246,19 @@ class OFBMethod(CompressionMethod):
     def _project_to_budget(self, modules: dict[str, SearchableWidth], choices: dict[str, int]) -> dict[str, int]:
         """Greedy: shrink (most probable smaller candidate first) until within budget, then grow (most probable
         active larger candidate that still fits) so the result lands just under the budget."""
-        probabilities = {name: module.probabilities().detach() for name, module in modules.items()}
+        # Host copies, read once: the projection below is a Python search over candidates.
+        probabilities = {name: module.probabilities().detach().tolist() for name, module in modules.items()}
+        widths = {name: module.widths.tolist() for name, module in modules.items()}
+        # Growing uses candidates still in play; a final module (one candidate left) may also grow, taking its next
+        # units by importance, so an early-collapsed search can still fill the budget.
+        in_play = {name: (module.active | module.is_final).tolist() for name, module in modules.items()}
 
         def moves(shrink: bool):
-            for name, module in modules.items():
-                widths = module.widths
-                current = int(widths[choices[name]])
-                for k in range(len(widths)):
-                    width = int(widths[k])
-                    # Growing uses candidates still in play; a final module (one candidate left) may also grow,
-                    # taking its next units by importance, so an early-collapsed search can still fill the budget.
-                    in_play = bool(module.active[k]) or bool(module.is_final)
-                    if (width < current) if shrink else (width > current and in_play):
-                        yield (float(probabilities[name][k]), width if shrink else -width), name, k
+            for name in modules:
+                current = widths[name][choices[name]]
+                for k, width in enumerate(widths[name]):
+                    if (width < current) if shrink else (width > current and in_play[name][k]):
+                        yield (probabilities[name][k], width if shrink else -width), name, k
 
         while self._choice_macs(choices) > self.target_macs:
             _, name, k = max(moves(shrink=True), key=lambda move: move[0])
@@ -488,18 +315,44 @@ class OFBMethod(CompressionMethod):
             if self.pmim is not None:
                 self.pmim.active = False
             self.finalized.fill_(True)
+            self._finalized = True
             self.final_architecture = self._architecture_from(choices)
         return self.final_architecture
 
     # -- logging -----------------------------------------------------------------------------------------------
-    def metrics(self) -> dict[str, float]:
-        logs = {"lambda": float(self.lam), "search_progress": float(min(self.progress, 1.0))}
+    def _schedule_values(self) -> dict[str, float]:
+        values = {"lambda": float(self.lam), "search_progress": float(min(self.progress, 1.0))}
         if self.pmim is not None:
-            logs["pmim_mask_ratio"] = float(self.pmim.mask_ratio if not self.search_finished else 0.0)
-        with torch.no_grad():
-            logs["expected_macs_ratio"] = float(self.expected_macs()) / self.dense_macs
-            for name, module in self.searchable_modules().items():
-                logs[f"active_candidates/{name}"] = float(module.active.sum())
+            values["pmim_mask_ratio"] = float(self.pmim.mask_ratio if not self.search_finished else 0.0)
+        return values
+
+    @torch.no_grad()
+    def _device_values(self, per_module_means: bool) -> tuple[list[str], torch.Tensor]:
+        """Names and one 1-D tensor of the values computed on the device: expected MACs ratio, active candidates
+        per module, and (for the snapshot) every module's mean importance S and mean sparsity V."""
+        terms = self._terms()
+        names = ["expected_macs_ratio"]
+        values = [(self.expected_macs(terms) / self.dense_macs).reshape(1)]
+        modules = {"embed": [""], "attention": [f".{i}" for i in range(len(self.attention))],
+                   "mlp": [f".{i}" for i in range(len(self.mlp))]}
+        prefixes = {"embed": "embed", "attention": "attn", "mlp": "mlp"}
+        for kind in ("embed", "attention", "mlp"):
+            group, suffixes = self.groups()[kind], modules[kind]
+            _, importance, sparsity = terms[kind]
+            keys = [prefixes[kind] + suffix for suffix in suffixes]
+            per_kind = {"active_candidates": group.active.sum(-1)}
+            if per_module_means:
+                axes = tuple(range(-group.unit_dims, 0))
+                per_kind.update(importance=importance.mean(axes), sparsity=sparsity.mean(axes))
+            for label, value in per_kind.items():
+                names += [f"{label}/{key}" for key in keys]
+                values.append(value.float().reshape(-1))
+        return names, torch.cat(values)
+
+    def metrics(self) -> dict[str, float]:
+        logs = self._schedule_values()
+        names, values = self._device_values(per_module_means=False)
+        logs.update(zip(names, values.tolist()))  # one transfer
         return logs
 
     def export_architecture(self) -> Architecture:
@@ -507,12 +360,10 @@ class OFBMethod(CompressionMethod):
         self.finalize()
         return self.decide()
 
-    def snapshot(self) -> dict[str, float]:
+    def snapshot(self) -> dict[str, float | torch.Tensor]:
         """`metrics()` plus, per module, the mean importance S and mean sparsity V of its units (the paper's
-        bi-mask evolution figure)."""
-        values = self.metrics()
-        with torch.no_grad():
-            for name, module in self.searchable_modules().items():
-                values[f"importance/{name}"] = float(module.importance().mean())
-                values[f"sparsity/{name}"] = float(module.sparsity().mean())
+        bi-mask evolution figure); the device values stay 0-dim tensors (converted in bulk by the trainer)."""
+        values: dict[str, float | torch.Tensor] = self._schedule_values()
+        names, device_values = self._device_values(per_module_means=True)
+        values.update(zip(names, device_values.unbind(0)))
         return values

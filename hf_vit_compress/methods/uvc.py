@@ -7,13 +7,14 @@ under one FLOPs budget by a primal-dual method:
         + z (R - B)
 
 State (all float32, all in the state dict, so a checkpoint reproduces `decide()` exactly):
-    head_counts (s_l0, heads removed, [0, H-1]), vdim_counts (r_l, value dims removed per head, shared by the
-    layer's heads, [0, d-1]), mlp_counts (s_l1, MLP units removed, [0, I-1]): continuous, updated by projected
-    SGD in `after_optimizer_step` (buffers: the trainer's optimizer never sees them);
+    counts (L, 3), columns head_counts (s_l0, heads removed, [0, H-1]), mlp_counts (s_l1, MLP units removed,
+    [0, I-1]), vdim_counts (r_l, value dims removed per head, shared by the layer's heads, [0, d-1]): continuous,
+    updated by projected SGD in `after_optimizer_step` (buffers: the trainer's optimizer never sees them);
     theta (L, 2): skip/run logits, an `nn.Parameter` (it gets dL_KD/dtheta through the block gates) that the
     method steps itself with SGD + momentum; it sits in the trainer's optimizer in a group with lr = 0, only so
     that fp16 loss scaling, gradient clipping and zeroing handle its gradient like the weights';
-    head_duals y_l0, mlp_duals y_l1, vdim_duals p_l, budget_dual z >= 0: projected dual ascent;
+    duals (L, 3), columns head_duals y_l0, mlp_duals y_l1, vdim_duals p_l, and budget_dual z >= 0: projected
+    dual ascent (the per-kind names are views of the columns; checkpoints with one buffer per kind still load);
     progress_step, theta_momentum, and after `finalize()` the final architecture's keep-masks.
 
 Design choices and deviations from the official code (VITA-Group/UVC), each for a stated reason:
@@ -25,10 +26,16 @@ Design choices and deviations from the official code (VITA-Group/UVC), each for 
     value dim c -> o_proj column c, MLP unit j -> fc2 column j. The proximal step of y * ||W_g||^2 is exactly
     W_g <- W_g / (1 + 2 lr y), so it shrinks only those columns (not the q/k/v or fc1 rows, which the penalty does
     not contain). An MLP unit's fc1 row is removed together with its fc2 column at export.
-  * FLOPs: R comes from `flops.macs_from_widths` (stem and classifier head included) with widths
+  * FLOPs: R counts the MACs of `flops.block_macs` (plus stem and classifier head) at widths
     qk = (H - ceil s0) d, v = (H - ceil s0)(d - ceil r), mlp = I - ceil s1 (straight-through ceil), weighted by
     the blocks' run probabilities. The v projection is counted at the value width (what the exported model runs)
-    instead of the spec's a_l. With hard gates R equals the exported model's MACs ratio exactly.
+    instead of the spec's a_l. With hard gates R equals the exported model's MACs ratio exactly. `block_macs` is
+    linear in the widths, so R and its derivatives (written out, no autograd in the step) use three per-unit
+    coefficients taken from it (`_linear_macs_coefficients`).
+  * Cost per step: every update runs for all blocks and kinds at once, on the device, without reading a value
+    back (no `.item()`, no Python branch on a tensor); the least-k sets the step ends with are reused by the next
+    forward's masks. q and k get no mask during the search (a removed head's value channels are masked, which
+    zeroes its output and its q/k gradients exactly as masking q and k would).
   * Block-gate probabilities in R: gamma_l = softmax(theta_l / tau)[run] (the noise-free Gumbel-softmax). The
     forward uses a Gumbel sample; R, its gradients and the dual updates use the noise-free value, so every
     manual update is deterministic and identical on every data-parallel rank (theta's KD gradient is averaged
@@ -63,93 +70,27 @@ Design choices and deviations from the official code (VITA-Group/UVC), each for 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..architecture import Architecture, LayerArchitecture
 from ..config import CompressionConfig
-from ..flops import macs_from_widths
+from ..flops import block_macs, stem_and_head_macs
 from ..gating import Masks
 from .base import CompressionMethod
+from .uvc_groups import (  # noqa: F401  (LeastKSum, least_k_sum and _Groups are part of this module's API)
+    LeastKSum,
+    _Groups,
+    _order,
+    least_k_sum,
+    straight_through_ceil,
+)
 from .uvc_projection import ProjectionLayer, project_and_round
 
-
-# -- least-k sum ----------------------------------------------------------------------------------------------
-class LeastKSum(torch.autograd.Function):
-    """LS(k; v) = sum of the ceil(k) smallest entries of v, with dLS/dk = the (ceil(k)+1)-th smallest entry.
-
-    Edge: when ceil(k) >= len(v) there is no (ceil(k)+1)-th entry; dLS/dk is then the largest entry (the official
-    code's convention: the marginal cost of one more group is taken as the costliest group). ceil(k) is clamped
-    to [0, len(v)]. dLS/dv is the 0/1 indicator of the least-k set.
-    """
-
-    @staticmethod
-    def forward(ctx, k: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        flat = values.detach().reshape(-1).float()
-        n = flat.numel()
-        m = min(max(math.ceil(float(k)), 0), n)
-        ordered, order = torch.sort(flat, stable=True)
-        indicator = torch.zeros_like(flat)
-        indicator[order[:m]] = 1.0
-        if n == 0:
-            next_value = flat.new_zeros(())
-        else:
-            next_value = ordered[m] if m < n else ordered[-1]
-        ctx.save_for_backward(next_value, indicator)
-        ctx.values_shape = values.shape
-        return ordered[:m].sum()
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        next_value, indicator = ctx.saved_tensors
-        grad_k = grad_output * next_value if ctx.needs_input_grad[0] else None
-        grad_values = (grad_output * indicator).view(ctx.values_shape) if ctx.needs_input_grad[1] else None
-        return grad_k, grad_values
-
-
-def least_k_sum(k, values: torch.Tensor) -> torch.Tensor:
-    """Sum of the ceil(k) smallest entries of `values` (float32); d/dk = the (ceil(k)+1)-th smallest (see
-    `LeastKSum` for the edge ceil(k) >= len(values))."""
-    if not torch.is_tensor(k):
-        k = torch.tensor(float(k), device=values.device)
-    return LeastKSum.apply(k, values)
-
-
-def straight_through_ceil(value: torch.Tensor) -> torch.Tensor:
-    """ceil(value) forward, identity backward."""
-    return value + (value.ceil() - value).detach()
-
-
-def _removed_by_rank(scores: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """Boolean mask of the ceil(count) lowest scores along the last dim (stable: ties go to the lower index).
-
-    Works on device without synchronising (no `.item()`): a unit is removed iff its ascending rank < ceil(count).
-    """
-    order = torch.argsort(scores, dim=-1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(scores.shape[-1], device=scores.device).expand_as(order))
-    return ranks < count.ceil()
-
-
-def _scale_columns(linear: nn.Linear, factors: torch.Tensor) -> None:
-    """linear.weight[:, j] *= factors[j] (in place, in the weight's dtype)."""
-    linear.weight.mul_(factors.reshape(1, -1).to(device=linear.weight.device, dtype=linear.weight.dtype))
-
-
-@dataclass
-class _Groups:
-    """Current least-k sets of one block (boolean masks) and the scores they come from (float32, detached)."""
-
-    head_scores: torch.Tensor  # (H,)
-    dim_scores: torch.Tensor  # (H, d)
-    mlp_scores: torch.Tensor  # (I,)
-    heads_removed: torch.Tensor  # (H,) bool
-    dims_removed: torch.Tensor  # (H, d) bool, rows of removed heads included (all False for them)
-    mlp_removed: torch.Tensor  # (I,) bool
+#: columns of `UVCMethod.counts`, `count_max` and `duals`; heads and MLP units share one inf-norm clip in the counts'
+#: SGD, so they are adjacent
+HEADS, MLP, VDIMS = 0, 1, 2
 
 
 class UVCMethod(CompressionMethod):
@@ -168,33 +109,54 @@ class UVCMethod(CompressionMethod):
         geo = self.geometry
         layers, heads, head_dim, inter = geo.num_layers, geo.num_heads, geo.head_dim, geo.intermediate_size
         settings = config.uvc
-        self.register_buffer("head_counts", torch.zeros(layers))
-        self.register_buffer("vdim_counts", torch.zeros(layers))
-        self.register_buffer("mlp_counts", torch.zeros(layers))
+        # One column per kind (HEADS, MLP, VDIMS), so every update is one operation for all blocks and kinds.
+        self.register_buffer("counts", torch.zeros(layers, 3))
         # Upper bounds of the counts (at least one head, value dim and MLP unit stays in a running block).
-        self.register_buffer("head_count_max", torch.full((layers,), float(heads - 1)), persistent=False)
-        self.register_buffer("vdim_count_max", torch.full((layers,), float(head_dim - 1)), persistent=False)
-        self.register_buffer("mlp_count_max", torch.full((layers,), float(max(inter - 1, 0))), persistent=False)
+        upper = [0.0] * 3
+        upper[HEADS], upper[MLP], upper[VDIMS] = float(heads - 1), float(max(inter - 1, 0)), float(head_dim - 1)
+        self.register_buffer("count_max", torch.tensor([upper] * layers), persistent=False)
         self.theta = nn.Parameter(torch.tensor([list(settings.theta_init)] * layers, dtype=torch.float32))
         self.register_buffer("theta_momentum", torch.zeros(layers, 2))
-        self.register_buffer("head_duals", torch.full((layers,), float(settings.dual_init)))
-        self.register_buffer("mlp_duals", torch.full((layers,), float(settings.dual_init)))
-        self.register_buffer("vdim_duals", torch.full((layers,), float(settings.dual_init)))
+        self.register_buffer("duals", torch.full((layers, 3), float(settings.dual_init)))
         self.register_buffer("budget_dual", torch.tensor(float(settings.dual_init)))
         self.register_buffer("progress_step", torch.tensor(0, dtype=torch.long))
+        # the skip warm-up's fixed gate (run = skip = 0.5), kept on the device: no host-to-device copy per step
+        self.register_buffer("warmup_run", torch.tensor(0.5), persistent=False)
         # The final architecture (filled by `finalize()`), so a reload after the search reproduces it exactly.
         self.register_buffer("final_blocks", torch.ones(layers, dtype=torch.bool))
         self.register_buffer("final_heads", torch.ones(layers, heads, dtype=torch.bool))
         self.register_buffer("final_vdims", torch.ones(layers, heads * head_dim, dtype=torch.bool))
         self.register_buffer("final_mlp", torch.ones(layers, inter, dtype=torch.bool))
-        self._last_logs: dict[str, float] = {}
+        self._last_logs: dict[str, torch.Tensor] = {}
+        self._progress = 0  # host copy of progress_step (the skip warm-up is decided every step without a sync)
+        self._width_macs = self._linear_macs_coefficients()
+        # The least-k sets computed at the end of `after_optimizer_step`, which the next forward's masks reuse while
+        # the scored weights and the counts are unchanged: (key, groups).
+        self._step_groups: tuple[tuple, _Groups] | None = None
         self.to(next(model.parameters()).device)
 
+    # per-kind views (read and written in place like the tensors they are)
+    head_counts = property(lambda self: self.counts[:, HEADS])
+    mlp_counts = property(lambda self: self.counts[:, MLP])
+    vdim_counts = property(lambda self: self.counts[:, VDIMS])
+    head_count_max = property(lambda self: self.count_max[:, HEADS])
+    mlp_count_max = property(lambda self: self.count_max[:, MLP])
+    vdim_count_max = property(lambda self: self.count_max[:, VDIMS])
+    head_duals = property(lambda self: self.duals[:, HEADS])
+    mlp_duals = property(lambda self: self.duals[:, MLP])
+    vdim_duals = property(lambda self: self.duals[:, VDIMS])
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before counts and duals were one buffer each hold one buffer per kind: stack them.
+        for name in ("counts", "duals"):
+            keys = [f"{prefix}{kind}_{name}" for kind in ("head", "mlp", "vdim")]  # column order HEADS, MLP, VDIMS
+            if f"{prefix}{name}" not in state_dict and all(key in state_dict for key in keys):
+                state_dict[f"{prefix}{name}"] = torch.stack([state_dict.pop(key) for key in keys], 1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # A reload may carry another final architecture: rebuild it (and its masks) from the loaded buffers.
         self.final_architecture = None
         self._final_masks = None
+        self._progress = int(self.progress_step)
 
     # -- dtype guard -------------------------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -217,31 +179,56 @@ class UVCMethod(CompressionMethod):
 
     @property
     def in_skip_warmup(self) -> bool:
-        return int(self.progress_step) < self.warmup_steps
+        return self._progress < self.warmup_steps
 
     def set_progress(self, step: int) -> None:
-        self.progress_step.fill_(int(step))
+        self._progress = int(step)
+        self.progress_step.fill_(self._progress)
 
     @property
     def target_ratio(self) -> float:
         return float(self.target_macs) / float(self.dense_macs)
 
     # -- scores and least-k sets -------------------------------------------------------------------------------
-    def _scores(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(head scores (H,), dim scores (H, d), mlp scores (I,)) of block `index`: squared column norms."""
-        geo = self.geometry
-        block = self.parts.blocks[index]
-        dim_scores = block.o_proj.weight.detach().float().pow(2).sum(0).view(geo.num_heads, geo.head_dim)
-        mlp_scores = block.fc2.weight.detach().float().pow(2).sum(0)
-        return dim_scores.sum(1), dim_scores, mlp_scores
+    def _scored_weights(self) -> list[torch.Tensor]:
+        return [block.o_proj.weight for block in self.parts.blocks] + [block.fc2.weight for block in self.parts.blocks]
 
-    def _groups(self, index: int) -> _Groups:
-        head_scores, dim_scores, mlp_scores = self._scores(index)
-        counts = (self.head_counts[index], self.vdim_counts[index], self.mlp_counts[index])
-        heads_removed = _removed_by_rank(head_scores, counts[0].to(head_scores.device))
-        dims_removed = _removed_by_rank(dim_scores, counts[1].to(dim_scores.device)) & ~heads_removed[:, None]
-        mlp_removed = _removed_by_rank(mlp_scores, counts[2].to(mlp_scores.device))
-        return _Groups(head_scores, dim_scores, mlp_scores, heads_removed, dims_removed, mlp_removed)
+    @torch.no_grad()
+    def _scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(head scores (L, H), dim scores (L, H, d), mlp scores (L, I)) of every block: squared column norms of
+        o_proj and fc2, float32, all blocks at once."""
+        geo = self.geometry
+        blocks = self.parts.blocks
+        o_proj = torch.stack([block.o_proj.weight for block in blocks]).float()  # (L, D, H * d)
+        fc2 = torch.stack([block.fc2.weight for block in blocks]).float()  # (L, D, I)
+        dim_scores = o_proj.pow(2).sum(1).view(len(blocks), geo.num_heads, geo.head_dim)
+        return dim_scores.sum(-1), dim_scores, fc2.pow(2).sum(1)
+
+    def _ceiled_counts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ceil of the head (L, 1), value-dim (L, 1, 1) and MLP (L, 1) removal counts, shaped to broadcast along
+        the units they count (what the least-k sets use)."""
+        columns = self.counts.ceil().unsqueeze(-1).unbind(1)
+        return columns[HEADS], columns[VDIMS].unsqueeze(-1), columns[MLP]
+
+    def _groups(self, ceiled: tuple | None = None, heads_only: bool = False) -> _Groups:
+        """The current least-k sets of every block (the counts' lowest-scored units, stable ties)."""
+        head_scores, dim_scores, mlp_scores = self._scores()
+        orders = [_order(scores) for scores in (head_scores, dim_scores, mlp_scores)]
+        groups = _Groups(head_scores, dim_scores, mlp_scores, None, None, None,
+                         tuple(ascending for ascending, _ in orders), tuple(ranks for _, ranks in orders))
+        return groups.at_counts(self._ceiled_counts() if ceiled is None else ceiled, heads_only)
+
+    def _state_key(self) -> tuple:
+        """Identifies the scored weights and the counts by object and in-place version (no device read)."""
+        tensors = [*self._scored_weights(), self.counts]
+        return tuple((id(tensor), tensor._version) for tensor in tensors)
+
+    def _current_groups(self) -> _Groups:
+        """`_groups()`, reusing the sets the last `after_optimizer_step` ended with while nothing they depend on has
+        changed (the Trainer runs no other update between that step and the next forward)."""
+        if self._step_groups is not None and self._step_groups[0] == self._state_key():
+            return self._step_groups[1]
+        return self._groups()
 
     # -- gates -------------------------------------------------------------------------------------------------
     def _gate_probabilities(self) -> torch.Tensor:
@@ -252,26 +239,40 @@ class UVCMethod(CompressionMethod):
         geo = self.geometry
         device = self.theta.device
         with torch.autocast(device_type=device.type, enabled=False):
-            if self.in_skip_warmup:
-                half = torch.tensor(0.5, device=device)
-                gates = [(half, half)] * geo.num_layers
+            if self.in_skip_warmup:  # (None, run): the skip weight is 1 - run = 0.5 too (see below)
+                gates = [(None, self.warmup_run)] * geo.num_layers
             else:
                 if self.training:
                     probabilities = F.gumbel_softmax(self.theta.float(), tau=self.config.uvc.gumbel_tau, hard=False)
                 else:
                     probabilities = self._gate_probabilities()
-                gates = [(probabilities[i, 0], probabilities[i, 1]) for i in range(geo.num_layers)]
-            masks = Masks()
-            for index in range(geo.num_layers):
-                groups = self._groups(index)
-                kept_heads = (~groups.heads_removed).float()
-                masks.qk.append(kept_heads.repeat_interleave(geo.head_dim))
-                masks.v.append(((~groups.dims_removed).float() * kept_heads[:, None]).reshape(-1))
-                masks.mlp.append((~groups.mlp_removed).float())
-                masks.block_gates.append(gates[index])
-        return masks
+                # (None, run): the skip weight is 1 - run (the two probabilities of a softmax), so the gate mixes
+                # with one multiply-add: x + run * (block(x) - x)
+                gates = [(None, run) for run in probabilities[:, 1].unbind(0)]
+            groups = self._current_groups()
+            kept_heads = (~groups.heads_removed).float()  # (L, H)
+            # q and k get no mask: a removed head's value channels are all masked (below), so its output is 0
+            # whatever its attention pattern, and no gradient reaches its q/k rows (dL/dP = dL/dout v^T = 0), exactly
+            # as if q and k were masked too; two multiplies per block (and their backward) fewer.
+            return Masks(
+                v=((~groups.dims_removed).float() * kept_heads.unsqueeze(-1)).flatten(-2),  # (L, H * d)
+                mlp=(~groups.mlp_removed).float(),
+                block_gates=gates,
+            )
 
     # -- budget ------------------------------------------------------------------------------------------------
+    def _linear_macs_coefficients(self) -> tuple[int, int, int]:
+        """MACs per q/k channel, per value channel and per MLP unit of a block: `flops.block_macs` is linear in the
+        three widths (the residual width is not searched here), so R and its derivatives need only these three
+        numbers. Checked on the formula itself, so a change that breaks linearity fails here, loudly."""
+        geo = self.geometry
+        coefficients = tuple(int(block_macs(geo.tokens, geo.hidden_size, *unit)) for unit in
+                             ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+        widths = (3 * geo.head_dim, 2 * geo.head_dim - 1, geo.intermediate_size - 5)
+        if block_macs(geo.tokens, geo.hidden_size, *widths) != sum(c * w for c, w in zip(coefficients, widths)):
+            raise RuntimeError("flops.block_macs is no longer linear in the widths: UVC's budget terms need review")
+        return coefficients
+
     def expected_ratio(self, head_removed=None, vdim_removed=None, mlp_removed=None, run=None) -> torch.Tensor:
         """R = expected MACs / dense MACs (stem and head included) from removal counts (straight-through ceil)
         and per-block run probabilities (default: the current counts and softmax(theta / tau)[run], detached)."""
@@ -281,22 +282,24 @@ class UVCMethod(CompressionMethod):
         mlp_removed = self.mlp_counts if mlp_removed is None else mlp_removed
         run = self._gate_probabilities().detach()[:, 1] if run is None else run
         heads_kept = geo.num_heads - straight_through_ceil(head_removed.float())
-        qk = heads_kept * geo.head_dim
-        v = heads_kept * (geo.head_dim - straight_through_ceil(vdim_removed.float()))
-        mlp = geo.intermediate_size - straight_through_ceil(mlp_removed.float())
-        macs = macs_from_widths(geo, geo.hidden_size, qk, v, mlp, run.float())
-        return macs / float(self.dense_macs)
+        vdim_kept = geo.head_dim - straight_through_ceil(vdim_removed.float())
+        mlp_kept = geo.intermediate_size - straight_through_ceil(mlp_removed.float())
+        return self._ratio(self._block_costs(heads_kept, vdim_kept, mlp_kept)[0], run.float())
+
+    def _hard_run(self) -> torch.Tensor:
+        """1 for blocks theta runs (theta_l[1] > theta_l[0]), else 0."""
+        return (self.theta[:, 1] > self.theta[:, 0]).float()
 
     def hard_ratio(self) -> float:
         """MACs ratio of the hard architecture before the final projection (ceil counts, theta decisions)."""
         with torch.no_grad():
-            run = (self.theta[:, 1] > self.theta[:, 0]).float()
-            return float(self.expected_ratio(run=run))
+            return float(self.expected_ratio(run=self._hard_run()))
 
     # -- losses ------------------------------------------------------------------------------------------------
     def loss(self, task_loss: torch.Tensor, logits: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, dict]:
         """The task (distillation) loss unchanged: it already reaches theta through the Gumbel block gates. The
-        budget's and the groups' terms are applied by the manual updates in `after_optimizer_step`."""
+        budget's and the groups' terms are applied by the manual updates in `after_optimizer_step`; their last
+        values (R, z) are logged."""
         return task_loss, dict(self._last_logs)
 
     # -- manual primal-dual updates ----------------------------------------------------------------------------
@@ -307,119 +310,129 @@ class UVCMethod(CompressionMethod):
         return [{"params": [self.theta], "lr": 0.0, "weight_decay": 0.0}]
 
     @torch.no_grad()
-    def _prox(self, learning_rate: float, groups: list[_Groups]) -> None:
+    def _prox(self, learning_rate: float, groups: _Groups) -> None:
         """W_g <- W_g / (1 + 2 lr dual) for every group in the current least-k sets (input columns of o_proj for
-        heads and value dims, of fc2 for MLP units)."""
-        for index, (block, group) in enumerate(zip(self.parts.blocks, groups)):
-            def factor(dual: torch.Tensor) -> torch.Tensor:
-                return 1.0 / (1.0 + 2.0 * learning_rate * dual.to(group.dim_scores.device))
+        heads and value dims, of fc2 for MLP units), every block at once."""
+        factors = torch.reciprocal(1.0 + 2.0 * learning_rate * self.duals)  # (L, 3)
+        kinds = factors.view(*factors.shape, 1, 1).unbind(1)  # (L, 1, 1) each
+        head_factor, vdim_factor, mlp_factor = kinds[HEADS], kinds[VDIMS], kinds[MLP]
+        one = factors.new_ones(())
+        columns = torch.where(groups.heads_removed.unsqueeze(-1), head_factor, one)
+        columns = torch.where(groups.dims_removed, vdim_factor, columns)
+        units = torch.where(groups.mlp_removed, mlp_factor.squeeze(-1), one)
+        for linears, scale in (("o_proj", columns.flatten(1)), ("fc2", units)):
+            weights = [getattr(block, linears).weight for block in self.parts.blocks]
+            rows = scale.unsqueeze(1).to(weights[0].dtype).unbind(0)  # (1, in) per block: scales input columns
+            torch._foreach_mul_(weights, list(rows))  # one operation for all blocks
 
-            columns = torch.ones_like(group.dim_scores)
-            columns = torch.where(group.heads_removed[:, None], factor(self.head_duals[index]), columns)
-            columns = torch.where(group.dims_removed, factor(self.vdim_duals[index]), columns)
-            _scale_columns(block.o_proj, columns.reshape(-1))
-            units = torch.ones_like(group.mlp_scores)
-            _scale_columns(block.fc2, torch.where(group.mlp_removed, factor(self.mlp_duals[index]), units))
+    def _kept_widths(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per block the kept heads, value head dim and MLP width of the current counts (ceil), each (L,)."""
+        geo = self.geometry
+        ceiled = self.counts.ceil().unbind(1)
+        return (geo.num_heads - ceiled[HEADS], geo.head_dim - ceiled[VDIMS], geo.intermediate_size - ceiled[MLP])
 
-    def _least_sums(self, groups: list[_Groups], with_grad: bool):
-        """Per block: LS values (heads, dims, mlp) as an (L, 3) tensor and, if asked, their derivatives in the
-        counts (the (ceil + 1)-th smallest scores, summed over the kept heads for the dims)."""
-        values, grads = [], []
-        for index, group in enumerate(groups):
-            counts = [c[index].detach().clone() for c in (self.head_counts, self.vdim_counts, self.mlp_counts)]
-            counts = [count.requires_grad_(with_grad) for count in counts]
-            with torch.enable_grad():
-                kept = (~group.heads_removed).nonzero().flatten().tolist()
-                terms = [
-                    least_k_sum(counts[0], group.head_scores),
-                    sum((least_k_sum(counts[1], group.dim_scores[h]) for h in kept), counts[1].new_zeros(())),
-                    least_k_sum(counts[2], group.mlp_scores),
-                ]
-                if with_grad:
-                    grads.append(torch.stack([
-                        torch.autograd.grad(term, count)[0] if term.requires_grad else torch.zeros_like(count)
-                        for term, count in zip(terms, counts)
-                    ]))
-            values.append(torch.stack([term.detach() for term in terms]))
-        return torch.stack(values), (torch.stack(grads) if with_grad else None)
+    def _block_costs(self, heads_kept, vdim_kept, mlp_kept) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per block `block_macs` at qk = heads * d, v = heads * v_dim and the MLP width (tensors), and the MACs of
+        one head of that block (per_qk * d + per_v * v_dim)."""
+        per_qk, per_v, per_mlp = self._width_macs
+        per_head = per_v * vdim_kept + per_qk * self.geometry.head_dim
+        return torch.addcmul(per_mlp * mlp_kept, heads_kept, per_head), per_head
 
-    def _ratio_gradients(self):
-        """R (noise-free) and dR/d(head, vdim, mlp counts), dR/dtheta."""
-        counts = [c.detach().clone().requires_grad_(True) for c in (self.head_counts, self.vdim_counts,
-                                                                      self.mlp_counts)]
-        theta = self.theta.detach().float().clone().requires_grad_(True)
-        with torch.enable_grad():
-            run = torch.softmax(theta / self.config.uvc.gumbel_tau, dim=-1)[:, 1]
-            ratio = self.expected_ratio(*counts, run=run)
-            grads = torch.autograd.grad(ratio, [*counts, theta])
-        return ratio.detach(), [g.detach() for g in grads]
+    def _ratio(self, costs: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+        return (stem_and_head_macs(self.geometry, self.geometry.hidden_size) + (run * costs).sum()) / float(
+            self.dense_macs)
+
+    def _ratio_and_gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """R (noise-free gates), dR/dcounts (L, 3) (straight-through ceil: d ceil(s)/ds = 1) and dR/dtheta (L, 2),
+        from R's per-block linear form (see `_linear_macs_coefficients`)."""
+        per_qk, per_v, per_mlp = self._width_macs
+        heads_kept, vdim_kept, mlp_kept = self._kept_widths()
+        costs, per_head = self._block_costs(heads_kept, vdim_kept, mlp_kept)
+        run = self._gate_probabilities()[:, 1]
+        dense = float(self.dense_macs)
+        minus_weight = run * (-1.0 / dense)  # dR/dcost_l = run_l / dense; removing units lowers the cost
+        grads = [None] * 3
+        grads[HEADS] = minus_weight * per_head
+        grads[VDIMS] = minus_weight * (per_v * heads_kept)
+        grads[MLP] = minus_weight * per_mlp
+        # d softmax(theta / tau)[run] / d theta = run (1 - run) / tau * (-1, +1)
+        d_run = costs * run * (1.0 - run) * (1.0 / (dense * self.config.uvc.gumbel_tau))
+        return self._ratio(costs, run), torch.stack(grads, 1), torch.stack([-d_run, d_run], 1)
 
     @staticmethod
     def _projected_sgd(values: torch.Tensor, grad: torch.Tensor, upper: torch.Tensor, lr: float,
-                       space: str = "units") -> None:
-        """values <- clamp(values - lr * clip_inf(grad), 0, upper); at a bound, only moves back inside.
+                       space: str = "units", joint_columns: int | None = None) -> None:
+        """values <- clamp(values - lr * clip_inf(grad), 0, upper), in place; at a bound, only moves back inside.
 
         With `space="fraction"` the step is taken on values / upper (gradient times upper, step times upper), so
-        every count moves at most `lr` of its own range per step whatever its unit."""
-        grad = grad.clone()
-        at_upper, at_lower = values >= upper, values <= 0
-        grad[at_upper] = grad[at_upper].clamp(min=0.0)
-        grad[at_lower] = grad[at_lower].clamp(max=0.0)
-        scale = upper if space == "fraction" else torch.ones_like(upper)
-        grad = grad * scale
-        peak = grad.abs().max() if grad.numel() else grad.new_zeros(())
-        if peak > 1.0:
-            grad = grad / peak
-        values.copy_(torch.minimum((values - lr * scale * grad).clamp(min=0.0), upper))
+        every count moves at most `lr` of its own range per step whatever its unit. The inf-norm clip is over the
+        whole tensor, or, with `joint_columns=j` on an (L, n) tensor, over its first j columns and over the rest
+        separately. On device, without reads."""
+        grad = torch.where(values >= upper, grad.clamp(min=0.0), grad)
+        grad = torch.where(values <= 0, grad.clamp(max=0.0), grad)
+        if space == "fraction":
+            grad = grad * upper
+            step = lr * upper
+        else:
+            step = lr
+        if grad.numel():
+            magnitude = grad.abs()
+            if joint_columns is None:
+                peak = magnitude.max()
+            else:
+                first, rest = magnitude[:, :joint_columns].amax(), magnitude[:, joint_columns:].amax()
+                peak = torch.stack([first] * joint_columns + [rest] * (grad.shape[1] - joint_columns))
+            grad = grad / peak.clamp(min=1.0)  # divided by the inf-norm when it exceeds 1
+        values.sub_(step * grad).clamp_(min=0.0)
+        torch.minimum(values, upper, out=values)
 
     def after_optimizer_step(self, learning_rate: float) -> None:
-        """One UVC step after the weights' optimizer step: prox, counts, theta, duals (spec/uvc.md, steps 1-4)."""
-        if bool(self.finalized):
+        """One UVC step after the weights' optimizer step: prox, counts, theta, duals (spec/uvc.md, steps 1-4),
+        every block and kind at once and without reading anything back from the device."""
+        if self._finalized:
             self.theta.grad = None
             return
         settings = self.config.uvc
         device = self.theta.device
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-            layers = self.geometry.num_layers
-            # 1. proximal shrink of the current least-k groups
+            # 1. proximal shrink of the current least-k groups (then the sets of the shrunk weights)
+            ceiled = self._ceiled_counts()
             if settings.prox:
-                self._prox(float(learning_rate), [self._groups(i) for i in range(layers)])
-            groups = [self._groups(i) for i in range(layers)]
-            _, ls_grads = self._least_sums(groups, with_grad=True)  # (L, 3): v_(ceil+1) per group kind
-            ratio, (d_heads, d_vdims, d_mlp, d_theta) = self._ratio_gradients()
-            gap = float(ratio) - self.target_ratio
-            z = self.budget_dual.detach().float()
-            budget_on = 0.0 if gap < -settings.budget_gap_clip else 1.0
-            # 2. counts: y * v_(ceil+1) + z * dR/ds, projected, inf-norm clipped, SGD (in `counts_space`)
-            count_grads = torch.stack([
-                self.head_duals * ls_grads[:, 0] + budget_on * z * d_heads,
-                self.mlp_duals * ls_grads[:, 2] + budget_on * z * d_mlp,
-            ], dim=1)
-            stacked = torch.stack([self.head_counts, self.mlp_counts], dim=1)
-            self._projected_sgd(stacked, count_grads, torch.stack([self.head_count_max, self.mlp_count_max], 1),
-                                settings.counts_lr, settings.counts_space)
-            self.head_counts.copy_(stacked[:, 0])
-            self.mlp_counts.copy_(stacked[:, 1])
-            vdim_grads = self.vdim_duals * ls_grads[:, 1] + budget_on * z * d_vdims
-            self._projected_sgd(self.vdim_counts, vdim_grads, self.vdim_count_max, settings.counts_lr,
-                                settings.counts_space)
-            # 3. theta: dL_KD/dtheta + w * z * dR/dtheta, SGD with momentum (frozen during the skip warm-up)
+                self._prox(float(learning_rate), self._groups(ceiled))
+            groups = self._groups(ceiled, heads_only=True)
+            slopes = [None] * 3
+            slopes[HEADS], slopes[VDIMS], slopes[MLP] = groups.least_k_slopes(ceiled)
+            ratio, d_counts, d_theta = self._ratio_and_gradients()
+            # the budget term is dropped only far under the budget: R - B < -clip
+            budget = self.budget_dual * (ratio - self.target_ratio >= -settings.budget_gap_clip)
+            # 2. counts: y * v_(ceil+1) + z * dR/ds, projected, inf-norm clipped (heads and MLP units jointly, value
+            # dims apart), SGD (in `counts_space`)
+            count_grads = self.duals * torch.stack(slopes, 1) + budget * d_counts
+            self._projected_sgd(self.counts, count_grads, self.count_max, settings.counts_lr, settings.counts_space,
+                                joint_columns=2)
+            # 3. theta: dL_KD/dtheta + w * z * dR/dtheta, SGD with momentum (frozen during the skip warm-up); a
+            # non-finite gradient (an fp16 overflow step) leaves theta and its momentum as they were
             if not self.in_skip_warmup:
-                kd_grad = self.theta.grad.detach().float() if self.theta.grad is not None else torch.zeros_like(d_theta)
-                grad = kd_grad + settings.theta_budget_weight * budget_on * z * d_theta
-                if torch.isfinite(grad).all():
-                    self.theta_momentum.mul_(settings.theta_momentum).add_(grad)
-                    self.theta.data.sub_(settings.theta_lr * self.theta_momentum.to(self.theta.dtype))
+                kd_grad = self.theta.grad.float() if self.theta.grad is not None else torch.zeros_like(d_theta)
+                grad = kd_grad + settings.theta_budget_weight * budget * d_theta
+                finite = torch.isfinite(grad).all()
+                momentum = torch.where(finite, self.theta_momentum * settings.theta_momentum + grad,
+                                       self.theta_momentum)
+                self.theta_momentum.copy_(momentum)
+                # theta - lr * momentum, or theta itself (times 0) when the gradient was not finite
+                self.theta.sub_(settings.theta_lr * momentum.to(self.theta.dtype) * finite)
             self.theta.grad = None
-            # 4. projected dual ascent at the new primal point
-            groups = [self._groups(i) for i in range(layers)]
-            sums, _ = self._least_sums(groups, with_grad=False)
-            self.head_duals.add_(settings.dual_lr * sums[:, 0]).clamp_(min=0.0)
-            self.vdim_duals.add_(settings.dual_lr * sums[:, 1]).clamp_(min=0.0)
-            self.mlp_duals.add_(settings.dual_lr * sums[:, 2]).clamp_(min=0.0)
-            new_ratio = float(self.expected_ratio())
+            # 4. projected dual ascent at the new primal point (same weights: the same scores, new least-k sets,
+            # which are also the next forward's)
+            ceiled = self._ceiled_counts()
+            groups = groups.at_counts(ceiled)
+            self._step_groups = (self._state_key(), groups)
+            sums = [None] * 3
+            sums[HEADS], sums[VDIMS], sums[MLP] = groups.least_k_sums()
+            self.duals.add_(settings.dual_lr * torch.stack(sums, 1)).clamp_(min=0.0)
+            new_ratio = self._ratio(self._block_costs(*self._kept_widths())[0], self._gate_probabilities()[:, 1])
             self.budget_dual.add_(settings.budget_dual_lr * (new_ratio - self.target_ratio)).clamp_(min=0.0)
-            self._last_logs = {"uvc/ratio": new_ratio, "uvc/budget_dual": float(self.budget_dual)}
+            self._last_logs = {"uvc/ratio": new_ratio, "uvc/budget_dual": self.budget_dual.clone()}
 
     # -- decisions ---------------------------------------------------------------------------------------------
     def decide(self) -> Architecture:
@@ -427,14 +440,15 @@ class UVCMethod(CompressionMethod):
 
         After `finalize()` (also after a reload), the stored final architecture.
         """
-        if bool(self.finalized):
+        if self._finalized:
             return self._stored_architecture()
         geo = self.geometry
         with torch.no_grad():
             keep_blocks = (self.theta[:, 1] > self.theta[:, 0]).tolist()
             if geo.num_layers and not any(keep_blocks):
                 keep_blocks[int(torch.argmax(self.theta[:, 1] - self.theta[:, 0]))] = True
-            layers = [ProjectionLayer.from_groups(self._groups(i), keep) for i, keep in enumerate(keep_blocks)]
+            groups = self._groups()
+            layers = [ProjectionLayer.from_groups(groups.layer(i), keep) for i, keep in enumerate(keep_blocks)]
         removed, rounded = project_and_round(layers, geo, self.target_macs, self.config.uvc.channel_multiple)
         architecture = Architecture(
             layers=[layer.to_layer_architecture(geo.head_dim) for layer in layers],
@@ -491,40 +505,48 @@ class UVCMethod(CompressionMethod):
         return architecture
 
     # -- logging -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _device_values(self, per_block: bool) -> tuple[list[str], torch.Tensor]:
+        """Names and one 1-D tensor of everything logged from the device (and, for the snapshot, per block the kept
+        heads, value head dim and MLP width of the current counts and the block's run probability)."""
+        geo = self.geometry
+        heads = geo.num_heads - self.head_counts.ceil()
+        vdim = geo.head_dim - self.vdim_counts.ceil()
+        mlp = geo.intermediate_size - self.mlp_counts.ceil()
+        run = self._gate_probabilities()[:, 1]
+        hard_run = self._hard_run()
+        values = {
+            "uvc/ratio": self.expected_ratio(),
+            "uvc/hard_ratio": self.expected_ratio(run=hard_run),
+            "uvc/budget_dual": self.budget_dual,
+            "uvc/head_dual_mean": self.head_duals.mean(),
+            "uvc/vdim_dual_mean": self.vdim_duals.mean(),
+            "uvc/mlp_dual_mean": self.mlp_duals.mean(),
+            "uvc/mean_heads": heads.mean(),
+            "uvc/mean_v_head_dim": vdim.mean(),
+            "uvc/mean_mlp_width": mlp.mean(),
+            "uvc/skipped_blocks": (1.0 - hard_run).sum(),
+            "uvc/run_probability_mean": run.mean(),
+        }
+        names = list(values)
+        tensors = [value.float().reshape(1) for value in values.values()]
+        if per_block:
+            for prefix, per_layer in (("heads", heads), ("v_head_dim", vdim), ("mlp_width", mlp),
+                                      ("run_probability", run)):
+                names += [f"{prefix}/{index}" for index in range(geo.num_layers)]
+                tensors.append(per_layer.float())
+        return names, torch.cat(tensors)
+
+    def _host_values(self) -> dict[str, float]:
+        return {"uvc/budget": self.target_ratio, "uvc/skip_warmup": float(self.in_skip_warmup)}
+
     def metrics(self) -> dict[str, float]:
-        geo = self.geometry
-        with torch.no_grad():
-            heads = geo.num_heads - self.head_counts.ceil()
-            vdim = geo.head_dim - self.vdim_counts.ceil()
-            mlp = geo.intermediate_size - self.mlp_counts.ceil()
-            skipped = int((self.theta[:, 1] <= self.theta[:, 0]).sum())
-            return {
-                "uvc/ratio": float(self.expected_ratio()),
-                "uvc/hard_ratio": self.hard_ratio(),
-                "uvc/budget": self.target_ratio,
-                "uvc/budget_dual": float(self.budget_dual),
-                "uvc/head_dual_mean": float(self.head_duals.mean()),
-                "uvc/vdim_dual_mean": float(self.vdim_duals.mean()),
-                "uvc/mlp_dual_mean": float(self.mlp_duals.mean()),
-                "uvc/mean_heads": float(heads.mean()),
-                "uvc/mean_v_head_dim": float(vdim.mean()),
-                "uvc/mean_mlp_width": float(mlp.mean()),
-                "uvc/skipped_blocks": float(skipped),
-                "uvc/run_probability_mean": float(self._gate_probabilities()[:, 1].mean()),
-                "uvc/skip_warmup": float(self.in_skip_warmup),
-            }
+        names, values = self._device_values(per_block=False)
+        return {**dict(zip(names, values.tolist())), **self._host_values()}  # one transfer
 
-    def snapshot(self) -> dict[str, float]:
+    def snapshot(self) -> dict[str, float | torch.Tensor]:
         """`metrics()` plus, per block, the kept heads, value head dim and MLP width of the current counts and the
-        block's run probability (what the report's plot shows)."""
-        geo = self.geometry
-        values = self.metrics()
-        with torch.no_grad():
-            run = self._gate_probabilities()[:, 1]
-            for index in range(geo.num_layers):
-                values[f"heads/{index}"] = float(geo.num_heads - self.head_counts[index].ceil())
-                values[f"v_head_dim/{index}"] = float(geo.head_dim - self.vdim_counts[index].ceil())
-                values[f"mlp_width/{index}"] = float(geo.intermediate_size - self.mlp_counts[index].ceil())
-                values[f"run_probability/{index}"] = float(run[index])
-        return values
-
+        block's run probability (what the report's plot shows); device values stay 0-dim tensors (converted in
+        bulk by the trainer)."""
+        names, values = self._device_values(per_block=True)
+        return {**dict(zip(names, values.unbind(0))), **self._host_values()}
