@@ -35,23 +35,25 @@ class DeviceLogAccumulator:
         self._steps = 0
         self._host: dict[str, list[float]] = {}  # values given as Python numbers (no device involved)
 
-    def add(self, values: dict) -> None:
-        """Add one step's values (0-dim tensors, or numbers)."""
+    def add(self, values: dict) -> tuple[tuple[str, ...], torch.Tensor | None]:
+        """Add one step's values (0-dim tensors, or numbers). Returns the names of the tensor values and their
+        stacked float32 values on the device (None without any), for other per-step checks to share."""
         tensors, numbers = _split(values)
         for name, number in numbers.items():
             self._host.setdefault(name, []).append(number)
         self.last = tensors
         if not tensors:
-            return
+            return (), None
         names = tuple(tensors)
         with torch.no_grad():
             stacked = torch.stack([_scalar(tensor) for tensor in tensors.values()])
         if names == self._names:
             self._sums.add_(stacked)
             self._steps += 1
-            return
-        self._close_run()
-        self._names, self._sums, self._steps = names, stacked, 1
+        else:
+            self._close_run()
+            self._names, self._sums, self._steps = names, stacked.clone(), 1
+        return names, stacked
 
     def _close_run(self) -> None:
         if self._names is not None:

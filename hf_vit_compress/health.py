@@ -110,29 +110,39 @@ def assert_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], what: str, 
 
 
 class _FirstBadRecord:
-    """Per name, the first step at which its value was non-finite, kept on the device (NEVER = not yet)."""
+    """Per name, the first step at which its value was non-finite, kept on the device (NEVER = not yet).
+
+    An update is four operations whatever the number of names (every one a kernel launch on a GPU, so this stays
+    small next to a training step): the non-finite flags, the step written where they are set, `minimum` keeps
+    the first.
+    """
 
     def __init__(self):
         self.slots: dict[str, int] = {}
         self.first: torch.Tensor | None = None
         self._index_cache: dict[tuple[str, ...], torch.Tensor] = {}
 
-    def update(self, step: int, names: tuple[str, ...], bad: torch.Tensor) -> None:
+    def update(self, step: int, names: tuple[str, ...], values: torch.Tensor) -> None:
+        """Record which of `values` (one float per name, on the device) are NaN or Inf at `step`."""
         new = [name for name in names if name not in self.slots]
         if new or self.first is None:
             for name in new:
                 self.slots[name] = len(self.slots)
-            grown = torch.full((len(self.slots),), NEVER, dtype=torch.long, device=bad.device)
+            grown = torch.full((len(self.slots),), NEVER, dtype=torch.long, device=values.device)
             if self.first is not None:
-                grown[: self.first.numel()] = self.first.to(bad.device)
+                grown[: self.first.numel()] = self.first.to(values.device)
             self.first = grown
             self._index_cache.clear()
+        bad = (values - values).ne(0)  # x - x is NaN exactly for NaN and +-Inf (isfinite decomposes into 4 ops)
+        if len(names) == len(self.slots) and all(self.slots[name] == i for i, name in enumerate(names)):
+            torch.minimum(self.first, self.first.masked_fill(bad, step), out=self.first)  # the usual case
+            return
         index = self._index_cache.get(names)
-        if index is None or index.device != bad.device:
-            index = torch.tensor([self.slots[name] for name in names], device=bad.device)
+        if index is None or index.device != values.device:
+            index = torch.tensor([self.slots[name] for name in names], device=values.device)
             self._index_cache[names] = index
         current = self.first[index]
-        self.first[index] = torch.where(bad & (current == NEVER), torch.full_like(current, step), current)
+        self.first[index] = torch.minimum(current, current.masked_fill(bad, step))
 
 
 class TrainingHealth:
@@ -159,19 +169,24 @@ class TrainingHealth:
         for name, value in values.items():
             if torch.is_tensor(value):
                 names.append(name)
-                tensors.append(value.detach().reshape(()).float())
+                tensors.append((value.detach() if value.requires_grad else value).reshape(()).float())
             elif isinstance(value, float) and not math.isfinite(value):
                 self._host_first.setdefault(name, step)
         if tensors:
             device = tensors[0].device
-            stacked = torch.stack([tensor.to(device) for tensor in tensors])
-            self._losses.update(step, tuple(names), ~torch.isfinite(stacked))
+            self.record_stacked_losses(step, tuple(names), torch.stack([tensor.to(device) for tensor in tensors]))
+
+    def record_stacked_losses(self, step: int, names: tuple[str, ...], stacked: torch.Tensor) -> None:
+        """`record_losses` for terms already stacked into one vector on the device (as the trainer's log
+        accumulator stacks them): four operations, whatever the number of terms."""
+        self._losses.update(step, names, stacked)
 
     def record_state(self, step: int, named_tensors: Mapping[str, torch.Tensor]) -> None:
         """Record which floating-point tensors (the method's search state) are non-finite after step `step`."""
-        named = {name: t.detach() for name, t in named_tensors.items() if t.is_floating_point() and t.numel()}
+        named = {name: t for name, t in named_tensors.items() if t.is_floating_point() and t.numel()}
         if named:
-            self._state.update(step, tuple(named), ~torch.isfinite(_peaks(list(named.values()))))
+            with torch.no_grad():  # no detach per tensor: one operation fewer each
+                self._state.update(step, tuple(named), _peaks(list(named.values())))
 
     # -- check points (one synchronisation) ----------------------------------------------------------------------
     def first_bad(self, reduce_across_ranks: bool = False) -> tuple[dict[str, int], dict[str, int]]:

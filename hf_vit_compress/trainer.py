@@ -202,9 +202,12 @@ class CompressionTrainer(ResumeChecks, Trainer):
         if model.training:
             loss, logs = self.method.loss(task_loss, outputs.logits, inputs)
             logs = {"task_loss": task_loss.detach(), **logs}
-            self.health.record_losses(self.state.global_step + 1, {"loss": loss, **logs})
             # summed on the device, read at logging steps; `method_logs.last` holds this step's terms by name
-            self.method_logs.add(logs)
+            names, stacked = self.method_logs.add(logs)
+            step = self.state.global_step + 1
+            self.health.record_losses(step, {name: value for name, value in logs.items() if name not in names})
+            if stacked is not None:  # the same stacked terms: the non-finite record costs four operations
+                self.health.record_stacked_losses(step, names, stacked)
             if isinstance(model, nn.parallel.DistributedDataParallel):
                 loss = loss + self._zero_gradient_term(model.module)
         return (loss, outputs) if return_outputs else loss
