@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -110,10 +111,20 @@ def markdown_header(title: str, prov: dict, extra: list[str] | None = None) -> s
     return "\n".join(lines) + "\n"
 
 
-def write_json(path: Path, data: dict) -> None:
+#: an indented JSON list holding only scalars (a newline cannot occur inside a JSON string, and the list may hold
+#: no bracket or brace, so the match never spans more than one flat list)
+_FLAT_LIST = re.compile(r"\[\n\s+([^\[\]{}\n]*(?:\n\s+[^\[\]{}\n]*)*)\n\s*\]")
+
+
+def write_json(path: Path, data: dict, flat_lists: bool = False) -> None:
+    """Indented JSON, written atomically. `flat_lists` puts every list of scalars on one line (long series such
+    as search traces stay readable)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    text = json.dumps(data, indent=2, sort_keys=False, default=_json_default)
+    if flat_lists:
+        text = _FLAT_LIST.sub(lambda m: "[" + " ".join(line.strip() for line in m.group(1).split("\n")) + "]", text)
+    tmp.write_text(text + "\n")
     os.replace(tmp, path)
 
 
