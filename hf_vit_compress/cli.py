@@ -18,6 +18,7 @@ import json
 import sys
 
 from .config import METHODS
+from .progress import console_logging
 
 
 def _demo_parser(subparsers) -> None:
@@ -171,11 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     arguments, extra = parser.parse_known_args(argv)
     commands = {"demo": _run_demo, "push": _run_push, "export-onnx": _run_export_onnx}
     try:
-        if arguments.command == "train":
-            return _run_train(arguments, extra)
-        if extra:
+        if arguments.command != "train" and extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return commands[arguments.command](arguments)
+        with console_logging():  # this package's INFO records (the final architecture table), clear of the bars
+            if arguments.command == "train":
+                return _run_train(arguments, extra)
+            return commands[arguments.command](arguments)
     except ValueError as error:  # configuration errors: one clear line, no traceback
         message = " ".join(str(error).split())
         print(f"error: {message}", file=sys.stderr)

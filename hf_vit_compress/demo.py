@@ -7,12 +7,14 @@ Runs on a laptop CPU in minutes with no download: the data ships inside scikit-l
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification, set_seed
+from transformers.utils import logging
 
 from .config import CompressionConfig
 from .data import (
@@ -25,6 +27,7 @@ from .data import (
 from .flops import count_macs, count_params
 from .methods import build_method
 from .metrics import evaluate_classifier
+from .progress import ProgressDescription, progress_bars
 from .publish import compression_report, save_compressed_model
 from .report import PLOT_FILES, plot_search
 from .trainer import CompressionTrainer
@@ -61,6 +64,8 @@ class DemoSettings:
     progress: bool = True
     num_threads: int | None = 1
 
+
+logger = logging.get_logger(__name__)
 
 IMAGE_SIZE = 16  # digits are 8x8: 16 px with 4 px patches keeps every stroke at 17 tokens
 
@@ -127,9 +132,18 @@ def _training_arguments(settings: DemoSettings, output_dir: Path, epochs: int) -
     )
 
 
+def _epochs(count: int) -> str:
+    return f"{count} epoch{'' if count == 1 else 's'}"
+
+
 def run_demo(settings: DemoSettings) -> dict:
     """Train dense, compress, fine-tune, evaluate (top-1 and top-5 through `evaluate`); write the model (with its
     image processor and model card), report.json and a plot to `output_dir`."""
+    with progress_bars(settings.progress):  # also transformers' own (saving), not only the Trainer's
+        return _run_demo(settings)
+
+
+def _run_demo(settings: DemoSettings) -> dict:
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     output_dir = Path(settings.output_dir)
@@ -147,8 +161,13 @@ def run_demo(settings: DemoSettings) -> dict:
     model = ViTForImageClassification(tiny_vit_config())
     config = demo_compression_config(settings)
     build_method(model, config)  # fail now, not after dense training, if the budget cannot be met
-    Trainer(model=model, args=_training_arguments(settings, work_dir, settings.dense_epochs),
-            train_dataset=train_set, data_collator=collate_images).train()
+    steps_per_epoch = math.ceil(len(train_set) / settings.batch_size)
+    logger.info(f"Phase 1 of 2: dense training, {_epochs(settings.dense_epochs)} "
+                f"({settings.dense_epochs * steps_per_epoch} steps)")
+    dense_trainer = Trainer(model=model, args=_training_arguments(settings, work_dir, settings.dense_epochs),
+                            train_dataset=train_set, data_collator=collate_images)
+    dense_trainer.add_callback(ProgressDescription(dense_trainer, "dense training"))
+    dense_trainer.train()
     dense_metrics = evaluate_classifier(model, test_set)
     dense_macs, dense_params = count_macs(model), count_params(model)
     dense_seconds = time.perf_counter() - started
@@ -160,6 +179,9 @@ def run_demo(settings: DemoSettings) -> dict:
         train_dataset=train_set,
         data_collator=collate_images,
     )
+    epochs = settings.search_epochs + settings.finetune_epochs
+    logger.info(f"Phase 2 of 2: {settings.method.upper()} search ({_epochs(settings.search_epochs)}), then "
+                f"fine-tuning ({_epochs(settings.finetune_epochs)}): {epochs * steps_per_epoch} steps")
     trainer.train()
     compressed = trainer.export_compressed_model()
     compressed_seconds = time.perf_counter() - started - dense_seconds
@@ -190,6 +212,7 @@ def run_demo(settings: DemoSettings) -> dict:
     )
     save_compressed_model(compressed, output_dir / "model", card_facts, architecture.to_dict(),
                           processor=image_processor_for_transform(eval_transform))
+    report.update({key: card_facts[key] for key in ("search_macs_ratio", "architecture_table")})
     (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (output_dir / "history.json").write_text(json.dumps(trainer.compression_history) + "\n")
     plot_search(trainer.compression_history, settings.method, output_dir / PLOT_FILES[settings.method],

@@ -73,23 +73,62 @@ class DeviceLogAccumulator:
 
     def pop_means(self) -> dict[str, float]:
         """Each name's mean over the steps that logged it since the last call; reads the device once."""
+        return self.pop_window().means()
+
+    def pop_window(self) -> LogWindow:
+        """Everything added since the last pop, as host numbers (one read of the device), per run of steps."""
         self._close_run()
         blocks, self._blocks = self._blocks, []
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        runs: list[tuple[dict[str, float], int]] = []
         if blocks:
             flat = torch.cat([block_sums for _, block_sums, _ in blocks]).tolist()  # one transfer
             position = 0
             for names, _, steps in blocks:
-                for name in names:
-                    sums[name] = sums.get(name, 0.0) + flat[position]
-                    counts[name] = counts.get(name, 0) + steps
-                    position += 1
-        for name, numbers in self._host.items():
+                runs.append((dict(zip(names, flat[position:position + len(names)])), steps))
+                position += len(names)
+        host, self._host = self._host, {}
+        return LogWindow(runs, host)
+
+
+class LogWindow:
+    """The values logged between two logging steps, read back to the host.
+
+    Args:
+        runs: per run of consecutive steps that logged the same tensor names: each name's sum over the run, and
+            the run's number of steps.
+        host: the values given as Python numbers, by name, one per step that gave it.
+    """
+
+    def __init__(self, runs: list[tuple[dict[str, float], int]], host: dict[str, list[float]] | None = None):
+        self.runs = runs
+        self.host = host or {}
+
+    @property
+    def steps(self) -> int:
+        """Steps (micro-batches) that logged device values in this window."""
+        return sum(steps for _, steps in self.runs)
+
+    def names(self) -> set[str]:
+        return {name for sums, _ in self.runs for name in sums} | set(self.host)
+
+    def means(self) -> dict[str, float]:
+        """Each name's mean over the steps that logged it."""
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for run_sums, steps in self.runs:
+            for name, value in run_sums.items():
+                sums[name] = sums.get(name, 0.0) + value
+                counts[name] = counts.get(name, 0) + steps
+        for name, numbers in self.host.items():
             sums[name] = sums.get(name, 0.0) + sum(numbers)
             counts[name] = counts.get(name, 0) + len(numbers)
-        self._host = {}
         return {name: sums[name] / counts[name] for name in sums}
+
+    def mean_over_window(self, name: str, where: str | None = None) -> float:
+        """The sum of `name` (over the steps that also logged `where`, if given) divided by ALL the window's steps:
+        the term's share of a per-step average such as the Trainer's `loss`, counting 0 where it was absent."""
+        total = sum(sums[name] for sums, _ in self.runs if name in sums and (where is None or where in sums))
+        return total / max(1, self.steps)
 
 
 class DeviceHistory:

@@ -117,6 +117,15 @@ def export_compressed_model(model: nn.Module, architecture: Architecture) -> Com
     return compressed
 
 
+def architecture_params(model: nn.Module, architecture: Architecture) -> int:
+    """Parameters of the model `export_compressed_model(model, architecture)` builds, counted on a copy built on the
+    meta device (no weights are allocated or sliced)."""
+    config = compressed_config(model.config, architecture, model_parts(model))
+    with torch.device("meta"):
+        compressed = CompressedViTForImageClassification(config)
+    return sum(parameter.numel() for parameter in compressed.parameters())
+
+
 def _kernel_report(config: CompressedViTConfig, device: torch.device) -> dict:
     """Fill `config.kernel_support`, warn about math-fallback shapes, and cross-check with torch on CUDA."""
     report = kernel_report(config)

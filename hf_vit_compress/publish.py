@@ -30,8 +30,9 @@ from huggingface_hub import HfApi
 from transformers.utils import logging
 
 from .card import build_model_card
-from .export import save_atomically
+from .export import architecture_params, save_atomically
 from .flops import count_macs, count_params
+from .report import architecture_table
 from .saving import CONTROL_DIR
 
 logger = logging.get_logger(__name__)
@@ -175,8 +176,6 @@ def compression_report(trainer, compressed=None, dense_metrics: Mapping[str, flo
     method = trainer.method
     model = trainer.accelerator.unwrap_model(trainer.model)
     compressed = compressed if compressed is not None else trainer.export_compressed_model()
-    gate_parameters = {id(parameter) for parameter in method.parameters()}
-    dense_params = sum(p.numel() for p in model.parameters() if id(p) not in gate_parameters)
     config = model.config
     source = getattr(config, "_name_or_path", None) or None
     compressed_macs = count_macs(compressed)
@@ -189,19 +188,16 @@ def compression_report(trainer, compressed=None, dense_metrics: Mapping[str, flo
         "dense_macs": int(method.dense_macs),
         "compressed_macs": compressed_macs,
         "compressed_macs_ratio": compressed_macs / method.dense_macs,
-        "dense_params": dense_params,
+        "dense_params": _dense_params(trainer),
         "compressed_params": count_params(compressed),
         "image_size": config.image_size,
-        "dense_architecture": {
-            "hidden_size": config.hidden_size,
-            "num_hidden_layers": config.num_hidden_layers,
-            "num_attention_heads": config.num_attention_heads,
-            "head_dim": config.hidden_size // config.num_attention_heads,
-            "intermediate_size": config.intermediate_size,
-        },
+        "dense_architecture": dense_architecture(config),
         "architecture": method.export_architecture().summary(),
+        # the search's own MACs ratio when it ended, before the final projection (None: not seen by this trainer)
+        "search_macs_ratio": getattr(trainer, "search_macs_ratio", None),
         "steps": trainer.state.global_step,
     }
+    report["architecture_table"] = architecture_table(report).splitlines()  # lines: readable in the JSON
     measured = {"dense": dense_metrics or _evaluation(trainer, "dense"),
                 "compressed": compressed_metrics or _evaluation(trainer, "compressed")}
     eval_dataset = dict(info.pop("eval_dataset", None) or {})
@@ -224,6 +220,47 @@ def compression_report(trainer, compressed=None, dense_metrics: Mapping[str, flo
                                                                                    token=trainer.args.hub_token)
     report.update({key: value for key, value in info.items() if value is not None})
     return report
+
+
+def dense_architecture(config) -> dict[str, int]:
+    """The dense ViT/DeiT shapes from its config, as `compression_report` writes them."""
+    return {
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "head_dim": config.hidden_size // config.num_attention_heads,
+        "intermediate_size": config.intermediate_size,
+    }
+
+
+def _dense_params(trainer) -> int:
+    """Parameters of the dense model: the gated model's, less the method's and any LoRA adapters'."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    added = {id(parameter) for parameter in trainer.method.parameters()}
+    lora = getattr(trainer, "lora_recovery", None)
+    added |= {id(parameter) for parameter in lora.parameters} if lora is not None else set()
+    return sum(parameter.numel() for parameter in model.parameters() if id(parameter) not in added)
+
+
+def architecture_facts(trainer) -> dict[str, Any]:
+    """What `report.architecture_table` shows, counted from the trainer's final architecture without exporting it
+    (the same figures `compression_report` measures on the exported model): `method`, `architecture`,
+    `dense_architecture`, `dense_macs`, `compressed_macs`, `target_flops`, `search_macs_ratio`, `dense_params`,
+    `compressed_params`. Ends the search if it has not ended."""
+    method = trainer.method
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    architecture = method.export_architecture()
+    return {
+        "method": trainer.compression_config.method,
+        "architecture": architecture.summary(),
+        "dense_architecture": dense_architecture(model.config),
+        "dense_macs": int(method.dense_macs),
+        "compressed_macs": method.architecture_macs(architecture),
+        "target_flops": trainer.compression_config.target_ratio(method.dense_macs),
+        "search_macs_ratio": getattr(trainer, "search_macs_ratio", None),
+        "dense_params": _dense_params(trainer),
+        "compressed_params": architecture_params(model, architecture),
+    }
 
 
 def _length(dataset) -> int | None:

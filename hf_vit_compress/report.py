@@ -347,4 +347,93 @@ def plot_search(history: Sequence[Mapping], method: str, path: str | Path, targe
     return save_figure(search_figure(history, method, target_ratio, architecture, final_macs_ratio), path)
 
 
-__all__ = ["PLOT_FILES", "ofb_figure", "plot_search", "save_figure", "search_figure", "uvc_figure"]
+# ---------------------------------------------------------------------------------------------------------------
+# The final architecture as text
+# ---------------------------------------------------------------------------------------------------------------
+#: keys of `architecture_table`'s facts that it cannot do without (the rest are optional)
+TABLE_KEYS = ("architecture", "dense_architecture", "dense_macs", "compressed_macs")
+
+
+def _count(value: float) -> str:
+    """3.54 M, 205 k, 17.6 G."""
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= limit:
+            return f"{value / limit:#.3g}".rstrip(".") + f" {suffix}"
+    return f"{value:.0f}"
+
+
+def _columns(rows: list[list[str]], align: str) -> list[str]:
+    """Rows of cells as lines, two spaces apart; `align` has one letter per column: l(eft) or r(ight)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(align))]
+    return ["  ".join(cell.ljust(width) if side == "l" else cell.rjust(width)
+                      for cell, width, side in zip(row, widths, align)).rstrip() for row in rows]
+
+
+def _block_rows(layers: Sequence[Mapping], dense: Mapping) -> list[list[str]]:
+    rows = [["block", "status", "heads", "q/k head dim", "v head dim", "MLP width"]]
+    for index, layer in enumerate(layers):
+        if not layer.get("keep_block", True):
+            rows.append([str(index), "removed", "-", "-", "-", "-"])
+            continue
+        heads = layer["num_heads"]
+        rows.append([
+            str(index), "kept",
+            f"{heads}/{dense['num_attention_heads']}",
+            f"{layer['qk_head_dim']}/{dense['head_dim']}" if heads else "-",
+            f"{layer['v_head_dim']}/{dense['head_dim']}" if heads else "-",
+            f"{layer['intermediate_size']}/{dense['intermediate_size']}",
+        ])
+    return rows
+
+
+def _macs_rows(facts: Mapping) -> list[list[str]]:
+    dense = facts["dense_macs"]
+    final = facts["compressed_macs"]
+    rows = [["MACs", "", "of dense", ""], ["  dense", _count(dense), "1.000", ""]]
+    search = facts.get("search_macs_ratio")
+    if search is not None:
+        rows.append(["  end of search", _count(search * dense), f"{search:.3f}",
+                     "the search's own (expected) MACs, before the final projection"])
+    moved = f"the final projection moved it by {final / dense - search:+.3f}; " if search is not None else ""
+    rows.append(["  final", _count(final), f"{final / dense:.3f}", f"{moved}what the exported model runs"])
+    target = facts.get("target_flops")
+    if target is not None:
+        rows.append(["  target", _count(target * dense), f"{target:.3f}",
+                     "met" if final <= target * dense * (1 + 1e-9) else "EXCEEDED"])
+    return rows
+
+
+def architecture_table(facts: Mapping) -> str:
+    """The final architecture as a plain-text table: per block whether it is kept, its heads, q/k and v head dims
+    and MLP width (each of the dense value), the residual width, the MACs before and after the final projection
+    against the target, and the parameters. The trainer logs it when the search ends; the demo and
+    `hf-vit-compress train` print it.
+
+    Args:
+        facts: a `compression_report` (or `compression_report.json`), or the same keys: `architecture`
+            (`Architecture.summary()`), `dense_architecture`, `dense_macs`, `compressed_macs`; optionally `method`,
+            `target_flops` (a fraction of the dense MACs), `search_macs_ratio` (the search's own MACs ratio when
+            it ended), `dense_params`, `compressed_params`.
+
+    Returns:
+        The table, lines separated by newlines (no trailing newline).
+    """
+    missing = [key for key in TABLE_KEYS if facts.get(key) is None]
+    if missing:
+        raise ValueError(f"architecture_table: facts need {list(TABLE_KEYS)}; missing {missing}")
+    architecture, dense = facts["architecture"], facts["dense_architecture"]
+    layers = architecture["layers"]
+    kept = sum(1 for layer in layers if layer.get("keep_block", True))
+    method = f" ({facts['method'].upper()})" if facts.get("method") else ""
+    lines = [f"Final architecture{method}: {kept} of {len(layers)} blocks kept, residual width "
+             f"{architecture['hidden_size']}/{dense['hidden_size']}"]
+    lines += _columns(_block_rows(layers, dense), "rlrrrr")
+    lines += _columns(_macs_rows(facts), "lrrl")
+    if facts.get("compressed_params") is not None and facts.get("dense_params"):
+        compressed, total = facts["compressed_params"], facts["dense_params"]
+        lines.append(f"params: {_count(compressed)} of {_count(total)} ({compressed / total:.3f} of dense)")
+    return "\n".join(lines)
+
+
+__all__ = ["PLOT_FILES", "architecture_table", "ofb_figure", "plot_search", "save_figure", "search_figure",
+           "uvc_figure"]

@@ -29,10 +29,15 @@ from .health import HealthCallback, TrainingHealth, check_trainer, model_tensors
 from .methods import CompressionMethod, build_method
 from .peft_support import LoRARecovery, unwrap_peft_model
 from .prepared import augmentation_keys
+from .progress import describe_progress
+from .publish import architecture_facts
+from .report import architecture_table
 from .targets import model_parts
 
 #: name of the submodule that holds the method's gates inside the compressed model
 GATES_ATTRIBUTE = "compression"
+#: a warning when the final projection moves the MACs by more than this fraction of the budget
+PROJECTION_WARNING = 0.1
 
 logger = logging.get_logger(__name__)
 
@@ -136,6 +141,12 @@ class CompressionTrainer(ResumeChecks, Trainer):
         # The method's per-step terms and the search history stay on the device between logging steps.
         self.method_logs = DeviceLogAccumulator()
         self._history = DeviceHistory()
+        self._logged_final_ratio = False
+        #: the search's own MACs ratio when it ended, before the final projection (None until then, or when this
+        #: trainer did not see the search end: resumed after it)
+        self.search_macs_ratio: float | None = None
+        #: the final architecture as a table (`report.architecture_table`), logged when the search ends
+        self.architecture_table: str | None = None
         self.add_callback(HealthCallback(self))  # first: reports a non-finite search state before it is finalised
         self.add_callback(CompressionCallback(self))
 
@@ -246,8 +257,14 @@ class CompressionTrainer(ResumeChecks, Trainer):
     # -- logging -----------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the method's averaged terms and its schedules
-            logs.update(self.method_logs.pop_means())  # one read of the device for all terms of all steps
-            logs.update(self.method.metrics())
+            window = self.method_logs.pop_window()  # one read of the device for all terms of all steps
+            logs.update(window.means())
+            logs.update(self.method.loss_terms(window))  # loss = task_loss + loss/* (README: Reading the logs)
+            logs.update(self.method.metrics())  # empty after the search: its values stopped changing
+            if self.method.search_finished and not self._logged_final_ratio:
+                macs = self.method.architecture_macs(self.method.finalize())  # the fixed architecture's
+                logs["compressed_macs_ratio"] = macs / self.method.dense_macs
+                self._logged_final_ratio = True  # once: it no longer changes
             self._history.records()  # convert the history recorded since the last log, in one read
         super().log(logs, start_time)
 
@@ -258,7 +275,36 @@ class CompressionTrainer(ResumeChecks, Trainer):
     # -- results -----------------------------------------------------------------------------------------------
     def finalize_architecture(self) -> Architecture:
         """End the search now (if it has not ended) and return the chosen architecture."""
+        if not self.method.search_finished:
+            self.search_macs_ratio = self.method.search_macs_ratio()  # before the final projection changes it
         return self.method.finalize()
+
+    def end_search(self, when: str) -> None:
+        """End the search during training: fix the architecture, check every rank holds the same one (scale-out:
+        rank 0's is enforced otherwise), and log it as a table (`report.architecture_table`) at INFO level, with a
+        warning when the final projection had to move the MACs far from where the search left them."""
+        self.finalize_architecture()
+        self.synchronize_search_state(when)
+        facts = architecture_facts(self)
+        self.architecture_table = architecture_table(facts)
+        if not self.is_world_process_zero():
+            return
+        logger.info(f"Search finished at step {self.state.global_step} ({when}).\n{self.architecture_table}")
+        search, target = facts["search_macs_ratio"], facts["target_flops"]
+        if search is not None and abs(search - target) > PROJECTION_WARNING * target:
+            logger.warning(
+                f"The search ended ({when}, step {self.state.global_step}) at {search:.3f} of the dense MACs for a "
+                f"budget of {target:.3f}; the final projection {'removed' if search > target else 'added back'} "
+                f"units to land at {facts['compressed_macs'] / facts['dense_macs']:.3f}. The search did not reach "
+                "the budget by itself: search longer, or weigh its budget term more (ofb.flops_loss_weight, "
+                "uvc.budget_dual_lr)."
+            )
+
+    def phase(self) -> str:
+        """What training is doing now, for the progress bar: "OFB search", "fine-tuning" or "LoRA fine-tuning"."""
+        if not self.method.search_finished:
+            return f"{self.compression_config.method.upper()} search"
+        return "LoRA fine-tuning" if self.lora_recovery is not None else "fine-tuning"
 
     def export_compressed_model(self):
         """The really smaller `CompressedViTForImageClassification` (ends the search first if needed)."""
@@ -412,6 +458,7 @@ class CompressionCallback(TrainerCallback):
             method.finalize()
         if state.global_step >= state.max_steps > 0:  # resumed from the run's last checkpoint: no step is left
             raise RunAlreadyComplete()
+        describe_progress(self.trainer, self.trainer.phase())
 
     def on_epoch_begin(self, args, state, control, **kwargs):
         # Data from `prepare_dataset`: key each example's augmentation by (seed, epoch, index), so a resumed run
@@ -439,17 +486,13 @@ class CompressionCallback(TrainerCallback):
             method.on_step_end(step)
             self._record(state.global_step, method)
             if state.global_step >= method.total_search_steps:
-                method.finalize()
-                # Scale-out: the final architecture must be the same on every rank (checked; rank 0's enforced).
-                self.trainer.synchronize_search_state("end of search")
+                self.trainer.end_search("end of search")
                 self._record(state.global_step, method)
+                describe_progress(self.trainer, self.trainer.phase())
 
     def on_train_end(self, args, state, control, **kwargs):
-        method = self.trainer.method
-        was_searching = not method.search_finished
-        method.finalize()
-        if was_searching:  # stopped before the search's last step: same check as at the end of the search
-            self.trainer.synchronize_search_state("train end")
+        if not self.trainer.method.search_finished:  # stopped before the search's last step
+            self.trainer.end_search("train end")
 
     def _record(self, step: int, method: CompressionMethod) -> None:
         every = max(1, method.total_search_steps // 200)

@@ -94,9 +94,12 @@ def test_every_recipe_runs_with_tiny_overrides(recipe, assets, tmp_path, capsys)
         steps = ["--training.num_train_epochs", "1", "--data.max_train_samples", "8"]
     code = main(["train", "--recipe", recipe, *tiny_overrides(assets, output_dir), *steps])
     assert code == 0
-    out = capsys.readouterr().out  # the Trainer's log lines, then the CLI's one-line JSON summary
+    captured = capsys.readouterr()
+    out = captured.out  # the Trainer's log lines, then the CLI's one-line JSON summary
     summary = json.loads(next(line for line in out.splitlines() if line.startswith('{"model"')))
     report = json.loads((output_dir / "compression_report.json").read_text())
+    # the final architecture, printed once when the search ended, is the report's
+    assert captured.err.count("Final architecture") == 1 and "\n".join(report["architecture_table"]) in captured.err
     assert summary["steps"] == report["steps"] == 2
     if recipe == "deit_small_ofb":
         assert report["steps_per_epoch"] == 2  # ceil(8 examples / batch 4)

@@ -48,3 +48,21 @@ def test_demo_cli_rejects_bad_budget_with_a_clear_error(tmp_path, capsys):
     assert code == 2
     assert "target_flops" in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()
+
+
+def test_demo_cli_names_its_phases_and_prints_the_architecture_table(tmp_path, capsys):
+    code = main(["demo", "--output-dir", str(tmp_path), "--dense-epochs", "1", "--search-epochs", "1",
+                 "--finetune-epochs", "1", "--batch-size", "128", "--no-progress"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "Phase 1 of 2: dense training, 1 epoch (12 steps)" in captured.err
+    assert "Phase 2 of 2: OFB search (1 epoch), then fine-tuning (1 epoch): 24 steps" in captured.err
+    report = json.loads((tmp_path / "report.json").read_text())
+    table = "\n".join(report["architecture_table"])
+    assert table.startswith("Final architecture (OFB)") and table in captured.err  # printed once, as saved
+    assert captured.err.count("Final architecture") == 1
+    published = json.loads((tmp_path / "model" / "compression_report.json").read_text())
+    assert published["architecture_table"] == report["architecture_table"]
+    assert published["search_macs_ratio"] == report["search_macs_ratio"] is not None
+    # --no-progress: no bars; the Trainer prints its log dicts as they come
+    assert "it/s" not in captured.err and "{'loss':" in captured.out

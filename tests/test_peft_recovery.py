@@ -19,6 +19,7 @@ from transformers import AutoModelForImageClassification, TrainerCallback
 
 from hf_vit_compress.config import CompressionConfig, LoRARecoveryConfig
 from hf_vit_compress.modeling import CompressedViTForImageClassification
+from hf_vit_compress.publish import architecture_facts
 from hf_vit_compress.recipes import apply_overrides, parse_overrides
 from hf_vit_compress.trainer import CompressionTrainer
 
@@ -143,6 +144,8 @@ def test_the_search_is_the_same_as_with_full_finetuning(lora_run, tmp_path):
     assert [lora_losses[step] for step in range(1, search_steps + 1)] == [
         full_losses[step] for step in range(1, search_steps + 1)]
     assert trainer.method.final_architecture.same_units(full.method.final_architecture)
+    # the dense model's parameter count leaves out the adapters (attached before the search)
+    assert architecture_facts(trainer)["dense_params"] == architecture_facts(full)["dense_params"]
 
 
 def test_export_is_a_plain_model_computing_the_merged_trained_model(lora_run, tmp_path):

@@ -112,6 +112,20 @@ def test_device_log_accumulator_means_equal_the_host_means():
     assert accumulator.pop_means() == pytest.approx({"a": 2.0, "n": 3.0})
 
 
+def test_log_window_keeps_the_runs_for_terms_absent_on_some_steps():
+    accumulator = DeviceLogAccumulator()
+    steps = [{"task": 1.0, "pmim": 0.5}, {"task": 3.0, "pmim": 0.25}, {"task": 8.0}]  # PMIM off on the last step
+    for values in steps:
+        accumulator.add({name: torch.tensor(value) for name, value in values.items()})
+    window = accumulator.pop_window()
+    assert window.steps == 3 and window.names() == {"task", "pmim"}
+    assert window.means() == pytest.approx({"task": 4.0, "pmim": 0.375})
+    # shares of a per-step average over all 3 steps (0 where absent), optionally over the steps with another name
+    assert window.mean_over_window("pmim") == pytest.approx(0.75 / 3)
+    assert window.mean_over_window("task", where="pmim") == pytest.approx(4.0 / 3)
+    assert accumulator.pop_window().runs == []
+
+
 def test_device_history_converts_in_bulk_keeping_the_key_order():
     history = DeviceHistory()
     history.append(0, {"lambda": 0.9, "ratio": torch.tensor(0.75), "k": torch.tensor(3)})

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..architecture import Architecture
 from ..config import CompressionConfig
+from ..device_logs import LogWindow
 from ..flops import Geometry, architecture_macs, dense_macs, geometry
 from ..gating import Masks, architecture_masks
 from ..targets import ModelParts, model_parts
@@ -148,8 +149,20 @@ class CompressionMethod(nn.Module):
 
     def metrics(self) -> dict[str, float]:
         """Scalars to log (lambda, mask ratio, expected MACs ratio, ...). Called at logging steps only: it may read
-        values from the device."""
+        values from the device. Empty once the search has ended: its values no longer change (the trainer logs the
+        final architecture's MACs ratio once instead)."""
         return {}
+
+    def loss_terms(self, window: LogWindow) -> dict[str, float]:
+        """The method's weighted terms of the logged `loss` over a logging window (`window`: what `loss()` logged
+        since the last logging step), by name (`loss/<term>`), so that `loss` = `task_loss` + the terms. Called
+        at logging steps only, from the host copies: no device work. Empty when the method adds nothing."""
+        return {}
+
+    def search_macs_ratio(self) -> float | None:
+        """The MACs ratio (of the dense model) that the search itself has reached, before `decide()` projects it
+        onto the budget (OFB: expected MACs; UVC: R). Read once, when the search ends. None if not defined."""
+        return None
 
     def snapshot(self) -> dict[str, float | torch.Tensor]:
         """Scalars recorded through the search for the report's plot (defaults to `metrics()`). Values may be

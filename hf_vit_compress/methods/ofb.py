@@ -15,6 +15,7 @@ from torch import nn
 
 from ..architecture import Architecture, LayerArchitecture
 from ..config import CompressionConfig
+from ..device_logs import LogWindow
 from ..flops import macs_from_width_tensors, macs_from_widths
 from ..gating import Masks
 from ..pmim import PMIM
@@ -350,10 +351,28 @@ class OFBMethod(CompressionMethod):
         return names, torch.cat(values)
 
     def metrics(self) -> dict[str, float]:
+        if self.search_finished:
+            return {}  # nothing here changes after the search
         logs = self._schedule_values()
         names, values = self._device_values(per_module_means=False)
         logs.update(zip(names, values.tolist()))  # one transfer
         return logs
+
+    def loss_terms(self, window: LogWindow) -> dict[str, float]:
+        """`loss` = `task_loss` + `loss/pmim` + `loss/one_hot` + `loss/flops`, each a share of the window's steps."""
+        logged, settings = window.names(), self.settings
+        terms = {}
+        if "pmim_loss" in logged:  # weighted by CE / L_rec: the term equals the task loss on each step it is on
+            terms["loss/pmim"] = window.mean_over_window("task_loss", where="pmim_loss")
+        if "module_loss" in logged:
+            terms["loss/one_hot"] = settings.module_loss_weight * window.mean_over_window("module_loss")
+        if "flops_loss" in logged:
+            terms["loss/flops"] = settings.flops_loss_weight * window.mean_over_window("flops_loss")
+        return terms
+
+    @torch.no_grad()
+    def search_macs_ratio(self) -> float:
+        return float(self.expected_macs() / self.dense_macs)
 
     def export_architecture(self) -> Architecture:
         """The final units with the CURRENT learnable scales (fine-tuning keeps training them)."""

@@ -290,6 +290,11 @@ class UVCMethod(CompressionMethod):
         """1 for blocks theta runs (theta_l[1] > theta_l[0]), else 0."""
         return (self.theta[:, 1] > self.theta[:, 0]).float()
 
+    def search_macs_ratio(self) -> float:
+        """R, the search's own expected MACs ratio (before the final projection)."""
+        with torch.no_grad():
+            return float(self.expected_ratio())
+
     def hard_ratio(self) -> float:
         """MACs ratio of the hard architecture before the final projection (ceil counts, theta decisions)."""
         with torch.no_grad():
@@ -299,8 +304,8 @@ class UVCMethod(CompressionMethod):
     def loss(self, task_loss: torch.Tensor, logits: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, dict]:
         """The task (distillation) loss unchanged: it already reaches theta through the Gumbel block gates. The
         budget's and the groups' terms are applied by the manual updates in `after_optimizer_step`; their last
-        values (R, z) are logged."""
-        return task_loss, dict(self._last_logs)
+        values (R, z) are logged (during the search only: they stop changing when it ends)."""
+        return task_loss, {} if self._finalized else dict(self._last_logs)
 
     # -- manual primal-dual updates ----------------------------------------------------------------------------
     def optimizer_groups(self, learning_rate: float) -> list[dict]:
@@ -541,6 +546,8 @@ class UVCMethod(CompressionMethod):
         return {"uvc/budget": self.target_ratio, "uvc/skip_warmup": float(self.in_skip_warmup)}
 
     def metrics(self) -> dict[str, float]:
+        if self._finalized:
+            return {}  # nothing here changes after the search
         names, values = self._device_values(per_block=False)
         return {**dict(zip(names, values.tolist())), **self._host_values()}  # one transfer
 
