@@ -9,7 +9,8 @@ Method:
 
 * One `transformers.Trainer` run per (model, kind): plain (`Trainer` on the dense model), ofb / uvc
   (`CompressionTrainer` searching), ofb-late (OFB with its widest embedding candidate already eliminated, as later in
-  a search: every LayerNorm then normalises the kept channels only), ofb-finetune / uvc-finetune (the steps after
+  a search: every LayerNorm then normalises the kept channels only), uvc-hidden (UVC with `prune_hidden`: its
+  LayerNorms normalise the kept residual channels only), ofb-finetune / uvc-finetune (the steps after
   the search: fixed architecture, OFB's learnable scales). Same model, batch, AdamW (the Trainer's default, fused:
   one op on CPU and CUDA alike; gradient clipping uses foreach kernels on both), synthetic in-memory data,
   `logging_steps`. The run is configured for a `--search-steps`-step search (default 4000, so the search history is
@@ -65,7 +66,7 @@ import _common as C  # noqa: E402
 
 aten = torch.ops.aten
 MODELS = ("deit-small", "demo-tiny")
-KINDS = ("plain", "ofb", "ofb-late", "uvc", "ofb-finetune", "uvc-finetune")
+KINDS = ("plain", "ofb", "ofb-late", "uvc", "uvc-hidden", "ofb-finetune", "uvc-finetune")
 PACKAGE_DIR = os.sep + "hf_vit_compress" + os.sep
 TORCH_DIR = os.path.dirname(torch.__file__)
 THIS_FILE = os.path.abspath(__file__)
@@ -329,7 +330,8 @@ def build_trainer(args, model, kind: str, output_dir: str, callbacks: list):
     finetune = kind.endswith("-finetune")
     config = CompressionConfig(method=method, target_flops=args.target_flops,
                                search_fraction=1 / args.search_steps if finetune else 1.0,
-                               uvc={"skip_warmup_fraction": args.uvc_warmup / args.search_steps})
+                               uvc={"skip_warmup_fraction": args.uvc_warmup / args.search_steps,
+                                    "prune_hidden": kind == "uvc-hidden"})
     trainer = CompressionTrainer(model=model, args=training_args, compression_config=config, train_dataset=dataset,
                                  data_collator=collate_images, steps_per_epoch=3 * args.eliminations_every,
                                  callbacks=callbacks)
@@ -369,7 +371,7 @@ def run_one(args, model_name: str, kind: str) -> dict:
                         counter.current["flags"].add("history")
                     if step + 1 >= method.total_search_steps:
                         counter.current["flags"].add("search end")
-                    if kind == "uvc":  # this step's phase (the method's own progress is set after this callback)
+                    if kind in ("uvc", "uvc-hidden"):  # this step's phase (the method sets its own progress after this)
                         counter.current["phase"] = "skip warm-up" if step < method.warmup_steps else "gumbel gates"
             finally:
                 counter.paused -= 1

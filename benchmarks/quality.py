@@ -19,10 +19,11 @@ Protocol (identical for every method; see benchmarks/README.md):
      `--search-settings library` (the medium mode's default) uses the library's defaults (`CompressionConfig()`);
      `short` (cpu, quick and full modes) the benchmark's short-search constants (OFB_ARCH_LR, OFB_FLOPS_WEIGHT
      below; UVC: the demo's count step). `--ofb-arch-lr`, `--ofb-flops-weight`, `--ofb-elimination-rounds`,
-     `--uvc-counts-lr`, `--uvc-counts-space`, `--uvc-channel-multiple` override either; every run records its
-     full method config. Their accuracy right after the search (final architecture, no fine-tuning yet) is
-     recorded as "before fine-tuning", and their logged scalars (expected MACs ratio, OFB's active candidates per
-     module, UVC's hard ratio, ...) about every 1% of the search as `search_trace` (plot: <name>_search.png).
+     `--uvc-counts-lr`, `--uvc-counts-space`, `--uvc-channel-multiple`, `--uvc-prune-hidden`,
+     `--uvc-budget-dual-update` override either; every run records its full method config. Their accuracy
+     right after the search (final architecture, no fine-tuning yet) is recorded as "before fine-tuning", and
+     their logged scalars (expected MACs ratio, OFB's active candidates per module, UVC's hard ratio, ...) about
+     every 1% of the search as `search_trace` (plot: <name>_search.png).
    * tp-magnitude / tp-taylor: Torch-Pruning's MetaPruner (uniform ratio, head dims + residual width, classifier
      kept) pruned once at step 0 to just within the budget (Taylor importance from the loss gradients of 8 training
      batches, no weight update), then plain fine-tuning for all the steps.
@@ -122,6 +123,11 @@ def parse_args(argv=None):
                         help="UVC count step space (default: the library's)")
     parser.add_argument("--uvc-channel-multiple", type=int, default=None,
                         help="UVC: round final widths to multiples of this (default: the library's, 8)")
+    parser.add_argument("--uvc-prune-hidden", choices=("on", "off"), default=None,
+                        help="UVC: search the residual width too (UVCConfig.prune_hidden; default: the library's)")
+    parser.add_argument("--uvc-budget-dual-update", choices=("log", "additive"), default=None,
+                        help="UVC: ascent of the budget dual (UVCConfig.budget_dual_update; 'additive' is the "
+                             "paper's; default: the library's, 'log')")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0 = torch's default)")
     parser.add_argument("--cache-dir", default=str(C.REPO / "benchmarks" / ".cache"))
     parser.add_argument("--name", default=None,
@@ -328,7 +334,9 @@ def search_overrides(args, method: str, train_size: int) -> dict:
                      "uvc.counts_lr": short.uvc.counts_lr}
     flags = {"ofb.arch_lr": args.ofb_arch_lr, "ofb.flops_loss_weight": args.ofb_flops_weight,
              "uvc.counts_lr": args.uvc_counts_lr, "uvc.counts_space": args.uvc_counts_space,
-             "uvc.channel_multiple": args.uvc_channel_multiple}
+             "uvc.channel_multiple": args.uvc_channel_multiple,
+             "uvc.prune_hidden": None if args.uvc_prune_hidden is None else args.uvc_prune_hidden == "on",
+             "uvc.budget_dual_update": args.uvc_budget_dual_update}
     overrides.update({key: value for key, value in flags.items() if value is not None})
     if args.ofb_elimination_rounds:
         # Eliminate every search_steps / N steps instead of the library's 3 rounds per epoch. With N = 30 modules

@@ -220,11 +220,23 @@ class UVCConfig(_Validated):
             dim differs from its q/k head dim, which flash attention does not take. 1 keeps the spec's unit
             granularity (on CPU it was as fast, benchmarks/results/speed_uvc_rounding.md; on a GPU such widths
             forced sdpa's math fallback).
+        prune_hidden: also search the residual (embedding) width D, beyond the paper's space: one global count of
+            removed residual channels, ranked by the squared norm of every weight that uses the channel, with its
+            own least-k group, dual, term in R and proximal shrink; exported as the kept hidden channels (the
+            LayerNorms then normalise the kept channels only). Off by default (see the README's UVC paragraph).
         theta_lr, theta_momentum: SGD settings of the skip-gate logits.
         theta_budget_weight: weight of z * dR/dtheta in theta's gradient.
         dual_lr: ascent step of the group duals y and p.
-        budget_dual_lr: ascent step of the budget dual z.
-        dual_init: initial value of every dual.
+        budget_dual_update: how the budget dual z ascends. `"log"` (default, a deviation from the spec): in log
+            space, z <- z * exp(eta * (R - B)) with eta = `budget_dual_log_lr`, so z reaches whatever scale the
+            group terms it balances have and tracks their growth without a standing offset. `"additive"` (spec):
+            z <- max(0, z + budget_dual_lr * (R - B)).
+        budget_dual_lr: ascent step of the budget dual z with `budget_dual_update="additive"`.
+        budget_dual_log_lr: eta of `budget_dual_update="log"`; None (default) = min(1, 200 / the number of search
+            steps). The group duals z balances grow about linearly in time; log-space ascent then lags behind B by
+            about 1 / (eta t) at search step t: with eta = 200 / steps, a point of the MACs from mid-search on,
+            whatever the schedule length.
+        dual_init: initial value of every dual (> 0 for the budget dual with `budget_dual_update="log"`).
         budget_gap_clip: (R - B) is clipped to +-this in the counts' gradient.
         prox: apply the proximal shrink W_g <- W_g / (1 + 2 * lr * dual) to the least-k groups.
     """
@@ -238,8 +250,11 @@ class UVCConfig(_Validated):
     theta_lr: float = 0.1
     theta_momentum: float = 0.9
     theta_budget_weight: float = 5e-4
+    prune_hidden: bool = False
     dual_lr: float = 1e-4
+    budget_dual_update: str = "log"
     budget_dual_lr: float = 1.0
+    budget_dual_log_lr: float | None = None
     dual_init: float = 1e-3
     budget_gap_clip: float = 0.5
     prox: bool = True
@@ -254,6 +269,12 @@ class UVCConfig(_Validated):
         _check(self.counts_space in ("fraction", "units"), "uvc.counts_space", self.counts_space,
                "'fraction' or 'units'")
         _check(0 <= self.theta_momentum < 1, "uvc.theta_momentum", self.theta_momentum, "[0, 1)")
+        _check(self.budget_dual_update in ("log", "additive"), "uvc.budget_dual_update", self.budget_dual_update,
+               "'log' or 'additive'")
+        _check(self.budget_dual_log_lr is None or self.budget_dual_log_lr > 0, "uvc.budget_dual_log_lr",
+               self.budget_dual_log_lr, "None or > 0")
+        _check(self.budget_dual_update != "log" or self.dual_init > 0, "uvc.dual_init", self.dual_init,
+               "> 0 with budget_dual_update='log' (z is scaled multiplicatively from it)")
         _check(0 <= self.skip_warmup_fraction <= 1, "uvc.skip_warmup_fraction", self.skip_warmup_fraction, "[0, 1]")
 
 

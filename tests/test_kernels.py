@@ -189,9 +189,10 @@ def test_uvc_floors_apply_to_dimensions_of_at_least_eight_multiples():
     from hf_vit_compress.methods.uvc_projection import unit_floors
 
     wide = make_vit_classifier(hidden_size=128, num_attention_heads=2, intermediate_size=512)  # head dim 64
-    assert unit_floors(geometry(wide), 8) == {"mlp": 8, "vdim": 8}
-    assert unit_floors(geometry(wide), 1) == {"mlp": 1, "vdim": 1}
-    assert unit_floors(geometry(make_vit_classifier()), 8) == {"mlp": 8, "vdim": 1}  # head dim 8, MLP 64
+    assert unit_floors(geometry(wide), 8) == {"mlp": 8, "vdim": 8, "hidden": 8}
+    assert unit_floors(geometry(wide), 1) == {"mlp": 1, "vdim": 1, "hidden": 1}
+    # head dim 8, MLP 64, residual width 32
+    assert unit_floors(geometry(make_vit_classifier()), 8) == {"mlp": 8, "vdim": 1, "hidden": 1}
 
 
 def test_uvc_projection_raises_value_dims_to_the_floor_and_never_cuts_below_it():

@@ -92,8 +92,9 @@ def test_least_k_sum_edges(k, value, grad):
 
 # -- budget dual and counts ---------------------------------------------------------------------------------
 def test_budget_dual_rises_over_budget_and_stays_nonnegative_under():
+    """The spec's additive ascent z <- max(0, z + eta_z (R - B)) (`budget_dual_update="additive"`)."""
     model = tiny_vit()
-    method = gated(model, uvc_config(0.5))
+    method = gated(model, uvc_config(0.5, budget_dual_update="additive"))
     z0 = float(method.budget_dual)
     ratio = float(method.expected_ratio())
     assert ratio > 0.9  # nothing removed yet (all blocks run with probability softmax([-1, 1] / 0.5) ~ 0.98)
@@ -107,7 +108,7 @@ def test_budget_dual_rises_over_budget_and_stays_nonnegative_under():
     assert float(method.head_counts.min()) > 0 and float(method.mlp_counts.min()) > 0
 
     relaxed = tiny_vit()
-    method = gated(relaxed, uvc_config(0.9))
+    method = gated(relaxed, uvc_config(0.9, budget_dual_update="additive"))
     with torch.no_grad():  # a small architecture: R << B
         method.head_counts.fill_(3)
         method.vdim_counts.fill_(7)
@@ -118,6 +119,33 @@ def test_budget_dual_rises_over_budget_and_stays_nonnegative_under():
         method.after_optimizer_step(1e-3)
         assert float(method.budget_dual) >= 0.0
     assert float(method.budget_dual) == 0.0
+
+
+def test_budget_dual_log_space_ascent_by_hand():
+    """The default `budget_dual_update="log"`: z <- z exp(eta (R_new - B)) with eta = 200 / search steps (or
+    `budget_dual_log_lr`), R_new the ratio after the step's count update; z stays in [dual_init, 1e12]."""
+    model = tiny_vit()
+    method = gated(model, uvc_config(0.5))
+    method.configure_schedule(400, 10)
+    assert method.budget_dual_log_lr == pytest.approx(0.5)
+    z0 = float(method.budget_dual)
+    method.after_optimizer_step(1e-3)
+    assert float(method.budget_dual) == pytest.approx(z0 * math.exp(0.5 * (float(method.expected_ratio()) - 0.5)))
+    method.config.uvc.budget_dual_log_lr = 3.0  # an explicit rate wins over the rule
+    z1 = float(method.budget_dual)
+    method.after_optimizer_step(1e-3)
+    assert float(method.budget_dual) == pytest.approx(z1 * math.exp(3.0 * (float(method.expected_ratio()) - 0.5)))
+
+    relaxed = tiny_vit()
+    method = gated(relaxed, uvc_config(0.9, budget_dual_log_lr=50.0))
+    with torch.no_grad():  # far under budget: z falls geometrically, but never under dual_init
+        method.head_counts.fill_(3)
+        method.mlp_counts.fill_(60)
+        method.budget_dual.fill_(0.05)
+    method.after_optimizer_step(1e-3)
+    assert float(method.budget_dual) == pytest.approx(1e-3)  # 0.05 exp(50 (R - 0.9)) < 1e-3: clamped at dual_init
+    method.after_optimizer_step(1e-3)
+    assert float(method.budget_dual) == pytest.approx(1e-3)
 
 
 def test_projected_sgd_units_and_fraction_spaces():
@@ -581,7 +609,8 @@ def test_ratio_gradients_equal_autograd_through_the_straight_through_ceil():
     _random_counts(method, seed=2)
     with torch.no_grad():
         method.theta.copy_(torch.tensor([[-1.0, 1.0], [0.4, 0.1], [0.2, 0.9]]))
-    ratio, d_counts, d_theta = method._ratio_and_gradients()
+    ratio, d_counts, d_theta, d_hidden = method._ratio_and_gradients()
+    assert d_hidden is None  # the residual width is not searched by default
     counts = [c.detach().clone().requires_grad_(True) for c in (method.head_counts, method.vdim_counts,
                                                                  method.mlp_counts)]
     theta = method.theta.detach().clone().requires_grad_(True)

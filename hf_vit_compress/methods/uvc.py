@@ -80,13 +80,15 @@ from ..flops import block_macs, stem_and_head_macs
 from ..gating import Masks
 from .base import CompressionMethod
 from .uvc_groups import (  # noqa: F401  (LeastKSum, least_k_sum and _Groups are part of this module's API)
+    HiddenSets,
     LeastKSum,
     _Groups,
     _order,
     least_k_sum,
     straight_through_ceil,
 )
-from .uvc_projection import ProjectionLayer, project_and_round
+from .uvc_hidden import HiddenGroup
+from .uvc_projection import ProjectionHidden, ProjectionLayer, project_and_round, unit_floors
 
 #: columns of `UVCMethod.counts`, `count_max` and `duals`; heads and MLP units share one inf-norm clip in the counts'
 #: SGD, so they are adjacent
@@ -127,7 +129,21 @@ class UVCMethod(CompressionMethod):
         self.register_buffer("final_heads", torch.ones(layers, heads, dtype=torch.bool))
         self.register_buffer("final_vdims", torch.ones(layers, heads * head_dim, dtype=torch.bool))
         self.register_buffer("final_mlp", torch.ones(layers, inter, dtype=torch.bool))
+        # Residual-width pruning (optional): one global count s_D of removed residual channels, its dual, its bound
+        # and the final kept channels; registered only when enabled, so the default state dict is unchanged.
+        self.prune_hidden = settings.prune_hidden
+        self._hidden_group = HiddenGroup(self.parts) if self.prune_hidden else None
+        if self.prune_hidden:
+            hidden_floor = unit_floors(geo, settings.channel_multiple)["hidden"]
+            self.register_buffer("hidden_count", torch.zeros(()))
+            self.register_buffer("hidden_count_max", torch.tensor(float(geo.hidden_size - hidden_floor)),
+                                 persistent=False)
+            self.register_buffer("hidden_dual", torch.tensor(float(settings.dual_init)))
+            self.register_buffer("final_hidden", torch.ones(geo.hidden_size, dtype=torch.bool))
         self._last_logs: dict[str, torch.Tensor] = {}
+        # the last step's two terms of the counts' gradient, (group duals x least-k slopes, budget dual x dR/dcounts),
+        # each (L, 3), logged by `metrics()` (mean over blocks per kind)
+        self._count_terms: tuple[torch.Tensor, torch.Tensor] | None = None
         self._progress = 0  # host copy of progress_step (the skip warm-up is decided every step without a sync)
         self._width_macs = self._linear_macs_coefficients()
         # The least-k sets computed at the end of `after_optimizer_step`, which the next forward's masks reuse while
@@ -186,41 +202,55 @@ class UVCMethod(CompressionMethod):
         self.progress_step.fill_(self._progress)
 
     @property
+    def budget_dual_log_lr(self) -> float:
+        """eta of the log-space ascent of z: `budget_dual_log_lr`, or 200 / the number of search steps, at most 1
+        (z then changes by at most a factor e^|R - B| per step)."""
+        rate = self.config.uvc.budget_dual_log_lr
+        return float(rate) if rate is not None else min(1.0, 200.0 / self.total_search_steps)
+
+    @property
     def target_ratio(self) -> float:
         return float(self.target_macs) / float(self.dense_macs)
 
     # -- scores and least-k sets -------------------------------------------------------------------------------
     def _scored_weights(self) -> list[torch.Tensor]:
-        return [block.o_proj.weight for block in self.parts.blocks] + [block.fc2.weight for block in self.parts.blocks]
+        blocks = self.parts.blocks
+        weights = [block.o_proj.weight for block in blocks] + [block.fc2.weight for block in blocks]
+        return weights + self._hidden_group.tensors() if self.prune_hidden else weights
 
     @torch.no_grad()
-    def _scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(head scores (L, H), dim scores (L, H, d), mlp scores (L, I)) of every block: squared column norms of
-        o_proj and fc2, float32, all blocks at once."""
+    def _scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(head scores (L, H), dim scores (L, H, d), mlp scores (L, I), residual channel scores (D,) or None) of
+        every block: squared column norms of o_proj and fc2 (and squared norms of each residual channel's group,
+        `uvc_hidden`), float32, all blocks at once."""
         geo = self.geometry
         blocks = self.parts.blocks
-        o_proj = torch.stack([block.o_proj.weight for block in blocks]).float()  # (L, D, H * d)
-        fc2 = torch.stack([block.fc2.weight for block in blocks]).float()  # (L, D, I)
-        dim_scores = o_proj.pow(2).sum(1).view(len(blocks), geo.num_heads, geo.head_dim)
-        return dim_scores.sum(-1), dim_scores, fc2.pow(2).sum(1)
+        o_proj = torch.stack([block.o_proj.weight for block in blocks]).float().pow(2)  # (L, D, H * d)
+        fc2 = torch.stack([block.fc2.weight for block in blocks]).float().pow(2)  # (L, D, I)
+        dim_scores = o_proj.sum(1).view(len(blocks), geo.num_heads, geo.head_dim)
+        hidden = self._hidden_group.scores(o_proj, fc2) if self.prune_hidden else None
+        return dim_scores.sum(-1), dim_scores, fc2.sum(1), hidden
 
-    def _ceiled_counts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _ceiled_counts(self) -> tuple[torch.Tensor, ...]:
         """ceil of the head (L, 1), value-dim (L, 1, 1) and MLP (L, 1) removal counts, shaped to broadcast along
-        the units they count (what the least-k sets use)."""
+        the units they count (what the least-k sets use), and of the residual count (1,) when it is searched."""
         columns = self.counts.ceil().unsqueeze(-1).unbind(1)
-        return columns[HEADS], columns[VDIMS].unsqueeze(-1), columns[MLP]
+        ceiled = (columns[HEADS], columns[VDIMS].unsqueeze(-1), columns[MLP])
+        return (*ceiled, self.hidden_count.ceil().reshape(1)) if self.prune_hidden else ceiled
 
     def _groups(self, ceiled: tuple | None = None, heads_only: bool = False) -> _Groups:
         """The current least-k sets of every block (the counts' lowest-scored units, stable ties)."""
-        head_scores, dim_scores, mlp_scores = self._scores()
+        head_scores, dim_scores, mlp_scores, hidden_scores = self._scores()
+        ceiled = self._ceiled_counts() if ceiled is None else ceiled
         orders = [_order(scores) for scores in (head_scores, dim_scores, mlp_scores)]
+        hidden = None if hidden_scores is None else HiddenSets.of(hidden_scores, ceiled[3])
         groups = _Groups(head_scores, dim_scores, mlp_scores, None, None, None,
-                         tuple(ascending for ascending, _ in orders), tuple(ranks for _, ranks in orders))
-        return groups.at_counts(self._ceiled_counts() if ceiled is None else ceiled, heads_only)
+                         tuple(ascending for ascending, _ in orders), tuple(ranks for _, ranks in orders), hidden)
+        return groups.at_counts(ceiled, heads_only)
 
     def _state_key(self) -> tuple:
         """Identifies the scored weights and the counts by object and in-place version (no device read)."""
-        tensors = [*self._scored_weights(), self.counts]
+        tensors = [*self._scored_weights(), self.counts, *([self.hidden_count] if self.prune_hidden else [])]
         return tuple((id(tensor), tensor._version) for tensor in tensors)
 
     def _current_groups(self) -> _Groups:
@@ -254,26 +284,41 @@ class UVCMethod(CompressionMethod):
             # q and k get no mask: a removed head's value channels are all masked (below), so its output is 0
             # whatever its attention pattern, and no gradient reaches its q/k rows (dL/dP = dL/dout v^T = 0), exactly
             # as if q and k were masked too; two multiplies per block (and their backward) fewer.
+            # residual channels: every LayerNorm normalises the kept ones only and outputs 0 on the others, so a
+            # dropped channel reaches no q/k/v/fc1 and no classifier (`uvc_hidden`)
+            hidden_keep = (~groups.hidden.removed).float() if self.prune_hidden else None
             return Masks(
                 v=((~groups.dims_removed).float() * kept_heads.unsqueeze(-1)).flatten(-2),  # (L, H * d)
                 mlp=(~groups.mlp_removed).float(),
+                hidden_keep=hidden_keep,
                 block_gates=gates,
             )
 
     # -- budget ------------------------------------------------------------------------------------------------
-    def _linear_macs_coefficients(self) -> tuple[int, int, int]:
-        """MACs per q/k channel, per value channel and per MLP unit of a block: `flops.block_macs` is linear in the
-        three widths (the residual width is not searched here), so R and its derivatives need only these three
-        numbers. Checked on the formula itself, so a change that breaks linearity fails here, loudly."""
+    def _linear_macs_coefficients(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """(MACs at residual width 0, MACs per residual channel) of one q/k channel, one value channel and one MLP
+        unit of a block: `flops.block_macs` is linear in the three widths for a given residual width D and linear in
+        D for given widths, so R and its derivatives need only these six numbers. Checked on the formula itself, so
+        a change that breaks this form fails here, loudly."""
         geo = self.geometry
-        coefficients = tuple(int(block_macs(geo.tokens, geo.hidden_size, *unit)) for unit in
-                             ((1, 0, 0), (0, 1, 0), (0, 0, 1)))
+        units = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+        at_zero = [int(block_macs(geo.tokens, 0, *unit)) for unit in units]
+        per_channel = [int(block_macs(geo.tokens, 1, *unit)) - zero for unit, zero in zip(units, at_zero)]
         widths = (3 * geo.head_dim, 2 * geo.head_dim - 1, geo.intermediate_size - 5)
-        if block_macs(geo.tokens, geo.hidden_size, *widths) != sum(c * w for c, w in zip(coefficients, widths)):
-            raise RuntimeError("flops.block_macs is no longer linear in the widths: UVC's budget terms need review")
-        return coefficients
+        for hidden in (geo.hidden_size, 7):
+            expected = sum((a + b * hidden) * w for a, b, w in zip(at_zero, per_channel, widths))
+            if block_macs(geo.tokens, hidden, *widths) != expected:
+                raise RuntimeError("flops.block_macs is no longer bilinear in the widths and the residual width: "
+                                   "UVC's budget terms need review")
+        return tuple(zip(at_zero, per_channel))
 
-    def expected_ratio(self, head_removed=None, vdim_removed=None, mlp_removed=None, run=None) -> torch.Tensor:
+    def _unit_macs(self, hidden) -> tuple:
+        """MACs of one q/k channel, value channel and MLP unit of a block at residual width `hidden` (a number, or a
+        tensor when the residual width is searched)."""
+        return tuple(at_zero + per_channel * hidden for at_zero, per_channel in self._width_macs)
+
+    def expected_ratio(self, head_removed=None, vdim_removed=None, mlp_removed=None, run=None,
+                       hidden_removed=None) -> torch.Tensor:
         """R = expected MACs / dense MACs (stem and head included) from removal counts (straight-through ceil)
         and per-block run probabilities (default: the current counts and softmax(theta / tau)[run], detached)."""
         geo = self.geometry
@@ -284,7 +329,12 @@ class UVCMethod(CompressionMethod):
         heads_kept = geo.num_heads - straight_through_ceil(head_removed.float())
         vdim_kept = geo.head_dim - straight_through_ceil(vdim_removed.float())
         mlp_kept = geo.intermediate_size - straight_through_ceil(mlp_removed.float())
-        return self._ratio(self._block_costs(heads_kept, vdim_kept, mlp_kept)[0], run.float())
+        hidden_kept = geo.hidden_size
+        if self.prune_hidden:
+            hidden_removed = self.hidden_count if hidden_removed is None else hidden_removed
+            hidden_kept = geo.hidden_size - straight_through_ceil(hidden_removed.float())
+        costs = self._block_costs(heads_kept, vdim_kept, mlp_kept, hidden_kept)[0]
+        return self._ratio(costs, run.float(), hidden_kept)
 
     def _hard_run(self) -> torch.Tensor:
         """1 for blocks theta runs (theta_l[1] > theta_l[0]), else 0."""
@@ -329,30 +379,36 @@ class UVCMethod(CompressionMethod):
             weights = [getattr(block, linears).weight for block in self.parts.blocks]
             rows = scale.unsqueeze(1).to(weights[0].dtype).unbind(0)  # (1, in) per block: scales input columns
             torch._foreach_mul_(weights, list(rows))  # one operation for all blocks
+        if self.prune_hidden:  # every tensor of the removed residual channels' groups
+            self._hidden_group.shrink(groups.hidden.removed, torch.reciprocal(1.0 + 2.0 * learning_rate *
+                                                                              self.hidden_dual))
 
-    def _kept_widths(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per block the kept heads, value head dim and MLP width of the current counts (ceil), each (L,)."""
+    def _kept_widths(self) -> tuple:
+        """Per block the kept heads, value head dim and MLP width of the current counts (ceil), each (L,), and the
+        kept residual width (0-dim; the dense width, a number, when it is not searched)."""
         geo = self.geometry
         ceiled = self.counts.ceil().unbind(1)
-        return (geo.num_heads - ceiled[HEADS], geo.head_dim - ceiled[VDIMS], geo.intermediate_size - ceiled[MLP])
+        hidden = geo.hidden_size - self.hidden_count.ceil() if self.prune_hidden else geo.hidden_size
+        return (geo.num_heads - ceiled[HEADS], geo.head_dim - ceiled[VDIMS], geo.intermediate_size - ceiled[MLP],
+                hidden)
 
-    def _block_costs(self, heads_kept, vdim_kept, mlp_kept) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per block `block_macs` at qk = heads * d, v = heads * v_dim and the MLP width (tensors), and the MACs of
-        one head of that block (per_qk * d + per_v * v_dim)."""
-        per_qk, per_v, per_mlp = self._width_macs
+    def _block_costs(self, heads_kept, vdim_kept, mlp_kept, hidden_kept) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per block `block_macs` at qk = heads * d, v = heads * v_dim, the MLP width and the residual width
+        (tensors), and the MACs of one head of that block (per_qk * d + per_v * v_dim)."""
+        per_qk, per_v, per_mlp = self._unit_macs(hidden_kept)
         per_head = per_v * vdim_kept + per_qk * self.geometry.head_dim
         return torch.addcmul(per_mlp * mlp_kept, heads_kept, per_head), per_head
 
-    def _ratio(self, costs: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
-        return (stem_and_head_macs(self.geometry, self.geometry.hidden_size) + (run * costs).sum()) / float(
-            self.dense_macs)
+    def _ratio(self, costs: torch.Tensor, run: torch.Tensor, hidden_kept) -> torch.Tensor:
+        return (stem_and_head_macs(self.geometry, hidden_kept) + (run * costs).sum()) / float(self.dense_macs)
 
-    def _ratio_and_gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """R (noise-free gates), dR/dcounts (L, 3) (straight-through ceil: d ceil(s)/ds = 1) and dR/dtheta (L, 2),
-        from R's per-block linear form (see `_linear_macs_coefficients`)."""
-        per_qk, per_v, per_mlp = self._width_macs
-        heads_kept, vdim_kept, mlp_kept = self._kept_widths()
-        costs, per_head = self._block_costs(heads_kept, vdim_kept, mlp_kept)
+    def _ratio_and_gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """R (noise-free gates), dR/dcounts (L, 3) (straight-through ceil: d ceil(s)/ds = 1), dR/dtheta (L, 2) and
+        dR/ds_D (0-dim, None when the residual width is not searched), from R's bilinear form (see
+        `_linear_macs_coefficients`)."""
+        heads_kept, vdim_kept, mlp_kept, hidden_kept = self._kept_widths()
+        per_qk, per_v, per_mlp = self._unit_macs(hidden_kept)
+        costs, per_head = self._block_costs(heads_kept, vdim_kept, mlp_kept, hidden_kept)
         run = self._gate_probabilities()[:, 1]
         dense = float(self.dense_macs)
         minus_weight = run * (-1.0 / dense)  # dR/dcost_l = run_l / dense; removing units lowers the cost
@@ -360,9 +416,17 @@ class UVCMethod(CompressionMethod):
         grads[HEADS] = minus_weight * per_head
         grads[VDIMS] = minus_weight * (per_v * heads_kept)
         grads[MLP] = minus_weight * per_mlp
+        d_hidden = None
+        if self.prune_hidden:  # d cost_l / dD = per-channel MACs of its widths; the stem and heads are linear in D
+            (_, qk_channel), (_, v_channel), (_, mlp_channel) = self._width_macs
+            per_residual_channel = heads_kept * (qk_channel * self.geometry.head_dim + v_channel * vdim_kept)
+            per_residual_channel = per_residual_channel + mlp_channel * mlp_kept
+            stem = stem_and_head_macs(self.geometry, 1)
+            d_hidden = torch.add(torch.dot(minus_weight, per_residual_channel), -stem / dense)
         # d softmax(theta / tau)[run] / d theta = run (1 - run) / tau * (-1, +1)
         d_run = costs * run * (1.0 - run) * (1.0 / (dense * self.config.uvc.gumbel_tau))
-        return self._ratio(costs, run), torch.stack(grads, 1), torch.stack([-d_run, d_run], 1)
+        ratio = self._ratio(costs, run, hidden_kept)
+        return ratio, torch.stack(grads, 1), torch.stack([-d_run, d_run], 1), d_hidden
 
     @staticmethod
     def _projected_sgd(values: torch.Tensor, grad: torch.Tensor, upper: torch.Tensor, lr: float,
@@ -407,14 +471,20 @@ class UVCMethod(CompressionMethod):
             groups = self._groups(ceiled, heads_only=True)
             slopes = [None] * 3
             slopes[HEADS], slopes[VDIMS], slopes[MLP] = groups.least_k_slopes(ceiled)
-            ratio, d_counts, d_theta = self._ratio_and_gradients()
+            ratio, d_counts, d_theta, d_hidden = self._ratio_and_gradients()
             # the budget term is dropped only far under the budget: R - B < -clip
             budget = self.budget_dual * (ratio - self.target_ratio >= -settings.budget_gap_clip)
             # 2. counts: y * v_(ceil+1) + z * dR/ds, projected, inf-norm clipped (heads and MLP units jointly, value
             # dims apart), SGD (in `counts_space`)
-            count_grads = self.duals * torch.stack(slopes, 1) + budget * d_counts
+            group_term, budget_term = self.duals * torch.stack(slopes, 1), budget * d_counts
+            self._count_terms = (group_term, budget_term)  # kept for `metrics()` (no extra operation)
+            count_grads = group_term + budget_term
             self._projected_sgd(self.counts, count_grads, self.count_max, settings.counts_lr, settings.counts_space,
                                 joint_columns=2)
+            if self.prune_hidden:  # the residual count: y_D * v_(ceil+1) + z * dR/ds_D, clipped on its own
+                hidden_grad = self.hidden_dual * groups.hidden.slope(ceiled[3]) + budget * d_hidden
+                self._projected_sgd(self.hidden_count, hidden_grad, self.hidden_count_max, settings.counts_lr,
+                                    settings.counts_space)
             # 3. theta: dL_KD/dtheta + w * z * dR/dtheta, SGD with momentum (frozen during the skip warm-up); a
             # non-finite gradient (an fp16 overflow step) leaves theta and its momentum as they were
             if not self.in_skip_warmup:
@@ -434,9 +504,17 @@ class UVCMethod(CompressionMethod):
             self._step_groups = (self._state_key(), groups)
             sums = [None] * 3
             sums[HEADS], sums[VDIMS], sums[MLP] = groups.least_k_sums()
-            self.duals.add_(settings.dual_lr * torch.stack(sums, 1)).clamp_(min=0.0)
-            new_ratio = self._ratio(self._block_costs(*self._kept_widths())[0], self._gate_probabilities()[:, 1])
-            self.budget_dual.add_(settings.budget_dual_lr * (new_ratio - self.target_ratio)).clamp_(min=0.0)
+            # y, p and LS are >= 0, so the ascent keeps them >= 0 without a projection
+            self.duals.add_(settings.dual_lr * torch.stack(sums, 1))
+            if self.prune_hidden:
+                self.hidden_dual.add_(settings.dual_lr * groups.hidden.least_k_sum())
+            kept = self._kept_widths()
+            new_ratio = self._ratio(self._block_costs(*kept)[0], self._gate_probabilities()[:, 1], kept[3])
+            if settings.budget_dual_update == "log":  # z <- z exp(eta (R - B)), kept in [dual_init, 1e12]
+                factor = torch.exp(self.budget_dual_log_lr * (new_ratio - self.target_ratio))
+                self.budget_dual.mul_(factor).clamp_(min=settings.dual_init, max=1e12)
+            else:  # the spec's projected ascent
+                self.budget_dual.add_(settings.budget_dual_lr * (new_ratio - self.target_ratio)).clamp_(min=0.0)
             self._last_logs = {"uvc/ratio": new_ratio, "uvc/budget_dual": self.budget_dual.clone()}
 
     # -- decisions ---------------------------------------------------------------------------------------------
@@ -454,10 +532,13 @@ class UVCMethod(CompressionMethod):
                 keep_blocks[int(torch.argmax(self.theta[:, 1] - self.theta[:, 0]))] = True
             groups = self._groups()
             layers = [ProjectionLayer.from_groups(groups.layer(i), keep) for i, keep in enumerate(keep_blocks)]
-        removed, rounded = project_and_round(layers, geo, self.target_macs, self.config.uvc.channel_multiple)
+            hidden = None
+            if self.prune_hidden:
+                hidden = ProjectionHidden.from_sets(groups.hidden.scores, groups.hidden.removed)
+        removed, rounded = project_and_round(layers, geo, self.target_macs, self.config.uvc.channel_multiple, hidden)
         architecture = Architecture(
             layers=[layer.to_layer_architecture(geo.head_dim) for layer in layers],
-            hidden_channels=list(range(geo.hidden_size)),
+            hidden_channels=hidden.channels() if hidden is not None else list(range(geo.hidden_size)),
         )
         macs = self.architecture_macs(architecture)
         if macs > self.target_macs:  # cannot happen: _project_to_budget counts with the same formula
@@ -480,6 +561,9 @@ class UVCMethod(CompressionMethod):
         self.final_heads.zero_()
         self.final_vdims.zero_()
         self.final_mlp.zero_()
+        if self.prune_hidden:
+            self.final_hidden.zero_()
+            self.final_hidden[architecture.hidden_channels] = True
         for index, layer in enumerate(architecture.layers):
             if not layer.keep_block:
                 continue
@@ -503,7 +587,8 @@ class UVCMethod(CompressionMethod):
                 v_channels=[vdims[h].nonzero().flatten().tolist() for h in heads],
                 mlp_neurons=self.final_mlp[index].nonzero().flatten().tolist(),
             ))
-        architecture = Architecture(layers=layers, hidden_channels=list(range(geo.hidden_size)))
+        hidden = self.final_hidden.nonzero().flatten().tolist() if self.prune_hidden else range(geo.hidden_size)
+        architecture = Architecture(layers=layers, hidden_channels=list(hidden))
         macs = self.architecture_macs(architecture)
         architecture.metadata.update(method=self.name, macs=macs, ratio=macs / self.dense_macs,
                                      target_macs=float(self.target_macs))
@@ -530,9 +615,16 @@ class UVCMethod(CompressionMethod):
             "uvc/mean_heads": heads.mean(),
             "uvc/mean_v_head_dim": vdim.mean(),
             "uvc/mean_mlp_width": mlp.mean(),
+            **({"uvc/hidden_width": geo.hidden_size - self.hidden_count.ceil(), "uvc/hidden_dual": self.hidden_dual}
+               if self.prune_hidden else {}),
             "uvc/skipped_blocks": (1.0 - hard_run).sum(),
             "uvc/run_probability_mean": run.mean(),
         }
+        if self._count_terms is not None:  # what pushes the counts down (group term) and up (budget term)
+            for label, term in zip(("group", "budget"), self._count_terms):
+                means = term.mean(0)
+                for kind, column in (("heads", HEADS), ("mlp", MLP), ("vdims", VDIMS)):
+                    values[f"uvc/count_grad_{label}_{kind}"] = means[column]
         names = list(values)
         tensors = [value.float().reshape(1) for value in values.values()]
         if per_block:

@@ -85,6 +85,33 @@ def straight_through_ceil(value: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
+class HiddenSets:
+    """The residual channels' scores (D,), their ascending order and ranks, and the current least-k set (D,) bool
+    (`UVCConfig.prune_hidden`, global: one count for the whole model; see `uvc_hidden`)."""
+
+    scores: torch.Tensor
+    ascending: torch.Tensor
+    ranks: torch.Tensor
+    removed: torch.Tensor
+
+    @classmethod
+    def of(cls, scores: torch.Tensor, ceiled: torch.Tensor) -> "HiddenSets":
+        """The least-k set of the ceil(s_D) = `ceiled` (1,) lowest-scored channels (stable ties)."""
+        ascending, ranks = _order(scores)
+        return cls(scores, ascending, ranks, _removed(ranks, ceiled))
+
+    def at_count(self, ceiled: torch.Tensor) -> "HiddenSets":
+        return HiddenSets(self.scores, self.ascending, self.ranks, _removed(self.ranks, ceiled))
+
+    def slope(self, ceiled: torch.Tensor) -> torch.Tensor:
+        """d LS / d s_D: the (ceil(s_D) + 1)-th smallest channel score (0-dim)."""
+        return _next_smallest(self.ascending, ceiled)
+
+    def least_k_sum(self) -> torch.Tensor:
+        return (self.scores * self.removed).sum()
+
+
+@dataclass
 class _Groups:
     """Current least-k sets of every block (boolean masks, leading dim = block) and the scores they come from
     (float32, detached), with each kind's ascending scores and ranks (heads, value dims within each head, MLP
@@ -98,22 +125,25 @@ class _Groups:
     mlp_removed: torch.Tensor  # (L, I) bool
     ascending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # heads, dims, mlp
     ranks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    hidden: "HiddenSets | None" = None  # the residual channels' sets (`UVCConfig.prune_hidden`), global
 
     def layer(self, index: int) -> "_Groups":
         return _Groups(self.head_scores[index], self.dim_scores[index], self.mlp_scores[index],
                        self.heads_removed[index], self.dims_removed[index], self.mlp_removed[index])
 
     def at_counts(self, ceiled: tuple[torch.Tensor, torch.Tensor, torch.Tensor], heads_only: bool = False):
-        """The least-k sets of the same scores at other counts (`ceiled`: `UVCMethod._ceiled_counts()`); with
-        `heads_only`, only the heads' (what the value dims' least-k slopes need)."""
+        """The least-k sets of the same scores at other counts (`ceiled`: `UVCMethod._ceiled_counts()`, with the
+        residual count's ceil as a 4th entry when there is one); with `heads_only`, only the heads' and the residual
+        channels' (what the least-k slopes need)."""
         head_ranks, dim_ranks, mlp_ranks = self.ranks
         heads_removed = _removed(head_ranks, ceiled[0])
+        hidden = self.hidden.at_count(ceiled[3]) if self.hidden is not None else None
         if heads_only:
             return _Groups(self.head_scores, self.dim_scores, self.mlp_scores, heads_removed, None, None,
-                           self.ascending, self.ranks)
+                           self.ascending, self.ranks, hidden)
         dims_removed = _removed(dim_ranks, ceiled[1]) & ~heads_removed.unsqueeze(-1)
         return _Groups(self.head_scores, self.dim_scores, self.mlp_scores, heads_removed, dims_removed,
-                       _removed(mlp_ranks, ceiled[2]), self.ascending, self.ranks)
+                       _removed(mlp_ranks, ceiled[2]), self.ascending, self.ranks, hidden)
 
     def least_k_slopes(self, ceiled: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """d LS / d count per block at the counts whose ceil is `ceiled` (`UVCMethod._ceiled_counts()`), for heads,

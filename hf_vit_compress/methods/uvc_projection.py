@@ -2,10 +2,14 @@
 
 The official code ends wherever the primal-dual iterates stop (its DeiT-T run for a 50% budget ended at 42.7%
 FLOPs); here the last step greedily removes the unit group with the least damage per MAC saved until
-`architecture_macs <= target` holds exactly; with `UVCConfig.channel_multiple` > 1 (default 8) MLP widths and value
-head dims of large enough dimensions are never cut below the multiple and are then rounded to multiples of it
-within the budget (kernel-friendly shapes: fused sdpa kernels and bf16 tensor-core GEMMs want multiples of 8; see
-`hf_vit_compress.kernels`).
+`architecture_macs <= target` holds exactly; with `UVCConfig.channel_multiple` > 1 (default 8) MLP widths, value
+head dims and the residual width (when searched) of large enough dimensions are never cut below the multiple and
+are rounded to multiples of it (kernel-friendly shapes: fused sdpa kernels and bf16 tensor-core GEMMs want multiples
+of 8; see `hf_vit_compress.kernels`). Finally the units not kept (MLP units, value dims, whole heads; residual
+channels only up to the search's width) come back, best score per MAC first, while the MACs fit (in blocks of the
+multiple for the rounded widths, one at a time for the others), so the result lands
+just under the budget rather than wherever the last removal left it (one head is several points of the MACs of a
+small model).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from ..architecture import LayerArchitecture
 from ..flops import block_macs, stem_and_head_macs
 
 if TYPE_CHECKING:
-    from .uvc import _Groups
+    from .uvc_groups import _Groups
 
 
 def _descending(unit: tuple[float, int]) -> tuple[float, int]:
@@ -25,8 +29,52 @@ def _descending(unit: tuple[float, int]) -> tuple[float, int]:
     return -unit[0], -unit[1]
 
 
-def _total_macs(layers: list["ProjectionLayer"], geo) -> int:
-    return int(stem_and_head_macs(geo, geo.hidden_size)) + sum(layer.macs(geo) for layer in layers)
+def _total_macs(layers: list["ProjectionLayer"], geo, hidden: "ProjectionHidden | None" = None,
+                width: int | None = None) -> int:
+    """MACs of the whole model; at residual width `width` (default: `hidden`'s, or the dense one)."""
+    width = width if width is not None else hidden.width if hidden is not None else geo.hidden_size
+    return int(stem_and_head_macs(geo, width)) + sum(layer.macs(geo, hidden=width) for layer in layers)
+
+
+class ProjectionHidden:
+    """Kept residual channels during the final projection (global: the width enters every block's MACs). `kept` is
+    sorted by DEscending score, `out` (channels not kept) ascending, so `pop()` gives the weakest kept channel and
+    the best one not kept. `limit` is the widest the add-back may make it (`project_and_round` sets it to the
+    search's width, rounded up to the step)."""
+
+    def __init__(self, kept: list[tuple[float, int]], out: list[tuple[float, int]] | None = None):
+        self.kept = sorted(kept, key=_descending)
+        self.out = sorted(out or [])
+        self.limit = len(self.kept) + len(self.out)
+
+    @classmethod
+    def from_sets(cls, scores, removed) -> "ProjectionHidden":
+        """From the search's channel scores (D,) and least-k set (D,) bool."""
+        pairs = [(score, channel) for channel, score in enumerate(scores.cpu().tolist())]
+        flags = removed.cpu().tolist()
+        kept = [pair for pair, out in zip(pairs, flags) if not out]
+        return cls(kept, [pair for pair, out in zip(pairs, flags) if out])
+
+    @property
+    def width(self) -> int:
+        return len(self.kept)
+
+    def channels(self) -> list[int]:
+        return sorted(channel for _, channel in self.kept)
+
+    def damage(self, count: int) -> float:
+        return sum(score for score, _ in self.kept[-count:])
+
+    def gain(self, count: int) -> float:
+        return sum(score for score, _ in self.out[-count:])
+
+    def remove(self, count: int) -> None:
+        for _ in range(count):
+            bisect.insort(self.out, self.kept.pop())
+
+    def add_back(self, count: int) -> None:
+        for _ in range(count):
+            bisect.insort(self.kept, self.out.pop(), key=_descending)
 
 
 class ProjectionLayer:
@@ -35,7 +83,8 @@ class ProjectionLayer:
 
     def __init__(self, keep: bool, heads: dict[int, list[tuple[float, int]]], mlp: list[tuple[float, int]],
                  dims_out: dict[int, list[tuple[float, int]]] | None = None,
-                 mlp_out: list[tuple[float, int]] | None = None):
+                 mlp_out: list[tuple[float, int]] | None = None,
+                 heads_out: dict[int, list[tuple[float, int]]] | None = None):
         self.keep = keep
         self.heads = heads  # head -> kept (score, channel) value dims, descending
         self.head_sums = {head: sum(score for score, _ in dims) for head, dims in heads.items()}
@@ -44,6 +93,9 @@ class ProjectionLayer:
         # units not kept (masked by the search or removed here), ascending, so `pop()` returns the best of them
         self.dims_out = {head: sorted((dims_out or {}).get(head, [])) for head in heads}
         self.mlp_out = sorted(mlp_out or [])
+        # heads not kept -> all their (score, channel) value dims, descending (what a head added back chooses from)
+        self.heads_out = {head: sorted(dims, key=_descending) for head, dims in (heads_out or {}).items()}
+        self.hidden: ProjectionHidden | None = None  # the residual channels, when they are searched (shared)
 
     @classmethod
     def from_groups(cls, groups: _Groups, keep: bool) -> "ProjectionLayer":
@@ -58,7 +110,9 @@ class ProjectionLayer:
         mlp_removed = groups.mlp_removed.tolist()
         mlp = sorted(((mlp_scores[j], j) for j, out in enumerate(mlp_removed) if not out), key=_descending)
         mlp_out = [(mlp_scores[j], j) for j, out in enumerate(mlp_removed) if out]
-        return cls(keep, heads, mlp, dims_out, mlp_out)
+        heads_out = {head: [(score, c) for c, score in enumerate(dim_scores[head])]
+                     for head in groups.heads_removed.nonzero().flatten().tolist()}
+        return cls(keep, heads, mlp, dims_out, mlp_out, heads_out)
 
     @property
     def num_heads(self) -> int:
@@ -68,13 +122,15 @@ class ProjectionLayer:
     def v_dim(self) -> int:
         return len(next(iter(self.heads.values()))) if self.heads else 0
 
-    def macs(self, geo, heads=None, v_dim=None, mlp=None) -> int:
+    def macs(self, geo, heads=None, v_dim=None, mlp=None, hidden=None) -> int:
         if not self.keep:
             return 0
         heads = self.num_heads if heads is None else heads
         v_dim = self.v_dim if v_dim is None else v_dim
         mlp = len(self.mlp) if mlp is None else mlp
-        return int(block_macs(geo.tokens, geo.hidden_size, heads * geo.head_dim, heads * v_dim, mlp))
+        if hidden is None:
+            hidden = self.hidden.width if self.hidden is not None else geo.hidden_size
+        return int(block_macs(geo.tokens, hidden, heads * geo.head_dim, heads * v_dim, mlp))
 
     def _weakest_head(self) -> int:
         return min(self.heads, key=lambda head: (self.head_sums[head], head))
@@ -116,12 +172,29 @@ class ProjectionLayer:
                 bisect.insort(self.dims_out[head], unit)
         elif kind == "head":
             head = self._weakest_head()
+            self.heads_out[head] = sorted(self.heads[head] + self.dims_out[head], key=_descending)
             del self.heads[head], self.head_sums[head], self.dims_out[head]
         elif kind == "block":
             self.keep = False
 
+    def _best_head_out(self) -> tuple[float, int] | None:
+        """(score, head) of the removed head whose best `v_dim` value dims score highest, or None."""
+        if not self.heads_out or not self.heads:
+            return None
+        v_dim = self.v_dim
+        return max((sum(score for score, _ in dims[:v_dim]), head) for head, dims in self.heads_out.items())
+
     def add_back(self, kind: str, count: int) -> None:
-        """Return the `count` best units of `kind` ("mlp" or "vdim": in every kept head) that are not kept."""
+        """Return the `count` best units of `kind` that are not kept: MLP units ("mlp"), value dims in every kept
+        head ("vdim"), or removed heads ("head", each with its best `v_dim` value dims)."""
+        if kind == "head":
+            for _ in range(count):
+                _, head = self._best_head_out()
+                dims, v_dim = self.heads_out.pop(head), self.v_dim
+                self.heads[head] = dims[:v_dim]
+                self.head_sums[head] = sum(score for score, _ in dims[:v_dim])
+                self.dims_out[head] = sorted(dims[v_dim:])
+            return
         for _ in range(count):
             if kind == "mlp":
                 unit = self.mlp_out.pop()
@@ -150,19 +223,25 @@ class ProjectionLayer:
                 added += missing * self.num_heads
         return added
 
-    def growth_options(self, geo, multiple: int, kinds=("mlp", "vdim")) -> list[tuple[float, int, str]]:
-        """(score added, MACs added, kind) of adding `multiple` more MLP units or value dims per head, for widths
-        of `kinds` that are already multiples of it and have that many units left to add."""
+    def growth_options(self, geo, steps: dict[str, int]) -> list[tuple[float, int, str, int]]:
+        """(score added, MACs added, kind, units per step) of adding `steps[kind]` more MLP units ("mlp") or value
+        dims per head ("vdim"), for kinds in `steps` whose width is already a multiple of the step and that have
+        that many units left to add, and of adding back the best removed head (at the block's value head dim)."""
         if not self.keep:
             return []
         current, options = self.macs(geo), []
-        if "mlp" in kinds and len(self.mlp) % multiple == 0 and len(self.mlp_out) >= multiple:
-            gain = sum(score for score, _ in self.mlp_out[-multiple:])
-            options.append((gain, self.macs(geo, mlp=len(self.mlp) + multiple) - current, "mlp"))
-        if ("vdim" in kinds and self.heads and self.v_dim % multiple == 0
-                and all(len(out) >= multiple for out in self.dims_out.values())):
-            gain = sum(score for out in self.dims_out.values() for score, _ in out[-multiple:])
-            options.append((gain, self.macs(geo, v_dim=self.v_dim + multiple) - current, "vdim"))
+        step = steps.get("mlp")
+        if step and len(self.mlp) % step == 0 and len(self.mlp_out) >= step:
+            gain = sum(score for score, _ in self.mlp_out[-step:])
+            options.append((gain, self.macs(geo, mlp=len(self.mlp) + step) - current, "mlp", step))
+        step = steps.get("vdim")
+        if (step and self.heads and self.v_dim % step == 0
+                and all(len(out) >= step for out in self.dims_out.values())):
+            gain = sum(score for out in self.dims_out.values() for score, _ in out[-step:])
+            options.append((gain, self.macs(geo, v_dim=self.v_dim + step) - current, "vdim", step))
+        best_head = self._best_head_out()
+        if best_head is not None:
+            options.append((best_head[0], self.macs(geo, heads=self.num_heads + 1) - current, "head", 1))
         return options
 
     def round_down(self, multiple: int, kinds=("mlp", "vdim")) -> int:
@@ -192,45 +271,78 @@ class ProjectionLayer:
         )
 
 
-_KIND_ORDER = {"mlp": 0, "vdim": 1, "head": 2, "block": 3}
+_KIND_ORDER = {"mlp": 0, "vdim": 1, "head": 2, "block": 3, "hidden": 4}
 
 
 def unit_floors(geo, multiple: int) -> dict[str, int]:
-    """The narrowest MLP width ("mlp") and value head dim ("vdim") the projection may leave: `multiple` for a
-    dimension of at least 8 * multiple units (the rule of OFB's candidate widths), else 1. Exactly those kinds are
-    rounded to multiples of `multiple` afterwards."""
+    """The narrowest MLP width ("mlp"), value head dim ("vdim") and residual width ("hidden", when searched) the
+    projection may leave: `multiple` for a dimension of at least 8 * multiple units (the rule of OFB's candidate
+    widths), else 1. Exactly those kinds are rounded to multiples of `multiple` afterwards."""
     def floor(size: int) -> int:
         return multiple if multiple > 1 and size >= 8 * multiple else 1
 
-    return {"mlp": floor(geo.intermediate_size), "vdim": floor(geo.head_dim)}
+    return {"mlp": floor(geo.intermediate_size), "vdim": floor(geo.head_dim), "hidden": floor(geo.hidden_size)}
 
 
-def project_and_round(layers: list[ProjectionLayer], geo, target_macs: float, multiple: int) -> tuple[int, int]:
-    """The whole final projection: raise MLP widths and value head dims to their floors (`unit_floors`), remove
-    unit groups until the MACs fit the target (`project_to_budget`), then round the widths of the rounded kinds to
-    multiples of `multiple` within the budget (`round_to_multiple`). Returns (removals, net units removed by the
-    floors and the rounding)."""
+def project_and_round(layers: list[ProjectionLayer], geo, target_macs: float, multiple: int,
+                      hidden: ProjectionHidden | None = None) -> tuple[int, int]:
+    """The whole final projection: raise MLP widths, value head dims (and the residual width, with `hidden`) to
+    their floors (`unit_floors`) and cut the rounded ones down to multiples of `multiple`, remove unit groups until
+    the MACs fit the target (`project_to_budget`), then add back the best units that fit (`round_to_multiple`: in
+    blocks of `multiple` for the rounded kinds, singly for the others). Returns (removals, net units removed by the
+    floors, the rounding and the add-back)."""
     floors = unit_floors(geo, multiple)
+    rounded = tuple(kind for kind in ("mlp", "vdim") if floors[kind] > 1)
+    single = tuple(kind for kind in ("mlp", "vdim") if floors[kind] == 1)
     raised = sum(layer.raise_to(floors) for layer in layers)
-    removed = project_to_budget(layers, geo, target_macs, floors)
-    kinds = tuple(kind for kind, floor in floors.items() if floor > 1)
-    return removed, round_to_multiple(layers, geo, target_macs, multiple, kinds) - raised
+    hidden_step = 1
+    if hidden is not None:
+        for layer in layers:
+            layer.hidden = hidden
+        missing = min(floors["hidden"] - hidden.width, len(hidden.out))
+        if missing > 0:
+            hidden.add_back(missing)
+            raised += missing
+        hidden_step = floors["hidden"]
+        # The add-back never widens the residual stream past the search's width (rounded up to the step): a
+        # channel's score is the norm of a whole model-wide group, not on the scale of a head's or an MLP unit's,
+        # so comparing gains per MAC across them would just undo the search's choice.
+        hidden.limit = min(hidden.width + len(hidden.out), -(-hidden.width // hidden_step) * hidden_step)
+        cut = hidden.width % hidden_step if hidden.width >= hidden_step else 0
+        hidden.remove(cut)
+        raised -= cut
+    removed = project_to_budget(layers, geo, target_macs, floors, hidden, hidden_step)
+    return removed, round_to_multiple(layers, geo, target_macs, multiple, rounded, hidden, hidden_step, single) - raised
+
+
+def _hidden_candidate(layers, geo, hidden: ProjectionHidden | None, step: int, floor: int, total: int):
+    """(damage / MACs saved, kind order, "hidden") of removing `step` residual channels, or None."""
+    if hidden is None or hidden.width - step < max(floor, 1):
+        return None
+    saved = total - _total_macs(layers, geo, width=hidden.width - step)
+    return (hidden.damage(step) / saved, _KIND_ORDER["hidden"], "hidden") if saved > 0 else None
 
 
 def project_to_budget(layers: list[ProjectionLayer], geo, target_macs: float,
-                      floors: dict[str, int] | None = None) -> int:
+                      floors: dict[str, int] | None = None, hidden: ProjectionHidden | None = None,
+                      hidden_step: int = 1) -> int:
     """Greedily remove the unit group with the least damage per MAC saved until the MACs fit the target.
 
     Running blocks keep at least one head and `floors` MLP units and value dims (default 1); a whole block may go
-    while more than one block runs; the last block goes only when nothing else is left to remove. Returns the
-    number of removals.
+    while more than one block runs; the last block goes only when nothing else is left to remove. With `hidden`,
+    `hidden_step` residual channels at a time may go too, down to `floors["hidden"]`. Returns the number of
+    removals.
     """
-    total = _total_macs(layers, geo)
+    floors = floors or {}
+    total = _total_macs(layers, geo, hidden)
     removals = 0
     kept = sum(layer.keep for layer in layers)
     best = [layer.best_candidate(geo, kept > 1, floors) for layer in layers]
     while total > target_macs:
         choices = [(key, index) for index, key in enumerate(best) if key is not None]
+        residual = _hidden_candidate(layers, geo, hidden, hidden_step, floors.get("hidden", 1), total)
+        if residual is not None:
+            choices.append((residual, -1))
         if choices:
             (_, _, kind), index = min(choices)
         else:
@@ -241,10 +353,15 @@ def project_to_budget(layers: list[ProjectionLayer], geo, target_macs: float,
                     f"alone ({total}); raise CompressionConfig.target_flops / target_gmacs"
                 )
             kind = "block"
+        removals += 1
+        if kind == "hidden":  # every block's MACs and candidates change
+            hidden.remove(hidden_step)
+            total = _total_macs(layers, geo, hidden)
+            best = [layer.best_candidate(geo, kept > 1, floors) for layer in layers]
+            continue
         before = layers[index].macs(geo)
         layers[index].remove(kind)
         total += layers[index].macs(geo) - before
-        removals += 1
         if kind == "block":  # whether blocks may go changed for every layer
             kept -= 1
             best = [layer.best_candidate(geo, kept > 1, floors) for layer in layers]
@@ -254,22 +371,34 @@ def project_to_budget(layers: list[ProjectionLayer], geo, target_macs: float,
 
 
 def round_to_multiple(layers: list[ProjectionLayer], geo, target_macs: float, multiple: int,
-                      kinds=("mlp", "vdim")) -> int:
+                      kinds=("mlp", "vdim"), hidden: ProjectionHidden | None = None, hidden_step: int = 1,
+                      single=()) -> int:
     """Make every MLP width and value head dim (of `kinds`) a multiple of `multiple` within the budget: cut each down
-    (lowest scores first), then greedily add back `multiple` units at a time, best score per MAC first, while the
-    MACs stay at or under `target_macs`. Widths under `multiple` stay as they are. Returns the net number of units
-    removed."""
-    if multiple <= 1 or not kinds:
-        return 0
+    (lowest scores first), then greedily add back units, best score per MAC first, while the MACs stay at or under
+    `target_macs`: `multiple` at a time for `kinds`, one at a time for the kinds in `single`, and `hidden_step`
+    residual channels at a time with `hidden`. Widths under `multiple` stay as they are. Returns the net number of
+    units removed."""
+    if multiple <= 1:
+        single, kinds = tuple(dict.fromkeys((*single, *kinds))), ()
     removed = sum(layer.round_down(multiple, kinds) for layer in layers)
-    total = _total_macs(layers, geo)
+    steps = {**{kind: 1 for kind in single}, **{kind: multiple for kind in kinds}}
+    total = _total_macs(layers, geo, hidden)
     while True:
-        options = [(gain / cost, index, kind, cost) for index, layer in enumerate(layers)
-                   for gain, cost, kind in layer.growth_options(geo, multiple, kinds)
+        options = [(gain / cost, index, kind, cost, step) for index, layer in enumerate(layers)
+                   for gain, cost, kind, step in layer.growth_options(geo, steps)
                    if 0 < cost <= target_macs - total]
+        if (hidden is not None and hidden.width + hidden_step <= hidden.limit and len(hidden.out) >= hidden_step
+                and hidden.width % hidden_step == 0):
+            cost = _total_macs(layers, geo, width=hidden.width + hidden_step) - total
+            if 0 < cost <= target_macs - total:
+                options.append((hidden.gain(hidden_step) / cost, -1, "hidden", cost, hidden_step))
         if not options:
             return removed
-        _, index, kind, cost = max(options)
-        layers[index].add_back(kind, multiple)
-        total += cost
-        removed -= multiple * (1 if kind == "mlp" else layers[index].num_heads)
+        _, index, kind, cost, step = max(options)
+        if kind == "hidden":
+            hidden.add_back(step)
+            removed -= step
+        else:
+            layers[index].add_back(kind, step)
+            removed -= step * {"mlp": 1, "vdim": layers[index].num_heads, "head": layers[index].v_dim}[kind]
+        total = _total_macs(layers, geo, hidden)
