@@ -20,7 +20,8 @@ Protocol (identical for every method; see benchmarks/README.md):
      `short` (cpu, quick and full modes) the benchmark's short-search constants (UVC: the demo's count step; OFB
      has none since its defaults follow the search length). `--ofb-budget-control`, `--ofb-arch-lr`,
      `--ofb-arch-travel`, `--ofb-flops-weight`, `--ofb-elimination-rounds`, `--uvc-counts-lr`,
-     `--uvc-counts-space`, `--uvc-channel-multiple` override either; every run records its full method config. Their accuracy right after the search (final architecture, no fine-tuning yet) is
+     `--uvc-counts-space`, `--uvc-channel-multiple` override either; every run records its full method config.
+     Their accuracy right after the search (final architecture, no fine-tuning yet) is
      recorded as "before fine-tuning", and their logged scalars (expected MACs ratio, OFB's active candidates per
      module, UVC's hard ratio, ...) about every 1% of the search as `search_trace` (plot: <name>_search.png).
    * tp-magnitude / tp-taylor: Torch-Pruning's MetaPruner (uniform ratio, head dims + residual width, classifier

@@ -33,7 +33,6 @@ from .ofb_modules import (  # noqa: F401  (re-exported: the search space and los
     width_choices,
 )
 
-
 #: Newton steps of the budget projection when the method is built (then 3 after every optimizer step)
 INITIAL_NEWTON_STEPS = 30
 #: largest change of the projection's shift t in one Newton step, in logits of the widest candidate
