@@ -331,7 +331,12 @@ def build_trainer(args, model, kind: str, output_dir: str, callbacks: list):
     config = CompressionConfig(method=method, target_flops=args.target_flops,
                                search_fraction=1 / args.search_steps if finetune else 1.0,
                                uvc={"skip_warmup_fraction": args.uvc_warmup / args.search_steps,
-                                    "prune_hidden": kind == "uvc-hidden"})
+                                    "prune_hidden": kind == "uvc-hidden"},
+                               # OFB eliminates only after its warm-up: the excluded first steps here, then every
+                               # --eliminations-every steps
+                               ofb={"warmup_fraction": args.warmup / args.search_steps,
+                                    "elimination_rounds": max(1, (args.search_steps - args.warmup)
+                                                              // args.eliminations_every)})
     trainer = CompressionTrainer(model=model, args=training_args, compression_config=config, train_dataset=dataset,
                                  data_collator=collate_images, steps_per_epoch=3 * args.eliminations_every,
                                  callbacks=callbacks)
@@ -365,7 +370,7 @@ def run_one(args, model_name: str, kind: str) -> dict:
             try:
                 if not method.search_finished:
                     step = state.global_step
-                    if kind.startswith("ofb") and (step + 1) % method.elimination_interval() == 0:
+                    if kind.startswith("ofb") and method.is_elimination_step(step):
                         counter.current["flags"].add("elimination")
                     if (step + 1) % max(1, method.total_search_steps // 200) == 0:
                         counter.current["flags"].add("history")

@@ -17,13 +17,14 @@ Protocol (identical for every method; see benchmarks/README.md):
    * ofb / uvc: `CompressionTrainer` (search for `search_fraction` of the steps, then fine-tune the fixed
      architecture), then `export_compressed_model`. UVC distils from a frozen copy of the dense model (its recipe).
      `--search-settings library` (the medium mode's default) uses the library's defaults (`CompressionConfig()`);
-     `short` (cpu, quick and full modes) the benchmark's short-search constants (OFB_ARCH_LR, OFB_FLOPS_WEIGHT
-     below; UVC: the demo's count step). `--ofb-arch-lr`, `--ofb-flops-weight`, `--ofb-elimination-rounds`,
-     `--uvc-counts-lr`, `--uvc-counts-space`, `--uvc-channel-multiple`, `--uvc-prune-hidden`,
-     `--uvc-budget-dual-update` override either; every run records its full method config. Their accuracy
-     right after the search (final architecture, no fine-tuning yet) is recorded as "before fine-tuning", and
-     their logged scalars (expected MACs ratio, OFB's active candidates per module, UVC's hard ratio, ...) about
-     every 1% of the search as `search_trace` (plot: <name>_search.png).
+     `short` (cpu, quick and full modes) the benchmark's short-search constants (UVC: the demo's count step; OFB
+     has none since its defaults follow the search length). `--ofb-budget-control`, `--ofb-arch-lr`,
+     `--ofb-arch-travel`, `--ofb-flops-weight`, `--ofb-elimination-rounds`, `--uvc-counts-lr`,
+     `--uvc-counts-space`, `--uvc-channel-multiple`, `--uvc-prune-hidden`, `--uvc-budget-dual-update` override
+     either; every run records its full method config. Their accuracy right after the search (final architecture,
+     no fine-tuning yet) is recorded as "before fine-tuning", and their logged scalars (expected MACs ratio, OFB's
+     active candidates per module, UVC's hard ratio, ...) about every 1% of the search as `search_trace` (plot:
+     <name>_search.png).
    * tp-magnitude / tp-taylor: Torch-Pruning's MetaPruner (uniform ratio, head dims + residual width, classifier
      kept) pruned once at step 0 to just within the budget (Taylor importance from the loss gradients of 8 training
      batches, no weight update), then plain fine-tuning for all the steps.
@@ -114,10 +115,15 @@ def parse_args(argv=None):
                         help="OFB/UVC settings: the library's defaults (medium mode's default) or the benchmark's "
                              "short-search constants (default of the cpu, quick and full modes)")
     parser.add_argument("--ofb-elimination-rounds", type=int, default=0,
-                        help="OFB: eliminate candidates every search_steps / N steps (0: the library default, 3 times "
-                             "per epoch)")
-    parser.add_argument("--ofb-arch-lr", type=float, default=None, help="OFB architecture-logit lr (short: 5e-2)")
-    parser.add_argument("--ofb-flops-weight", type=float, default=None, help="OFB FLOPs-loss weight (short: 5)")
+                        help="OFB: N elimination rounds (dual budget control: ofb.elimination_rounds, after warm-up; "
+                             "paper: every search_steps / N steps); 0: the library default")
+    parser.add_argument("--ofb-budget-control", choices=("dual", "paper"), default=None,
+                        help="OFB budget control (default: the library's, dual)")
+    parser.add_argument("--ofb-arch-lr", type=float, default=None,
+                        help="OFB architecture-logit lr (default: the library's rule, arch_travel / search steps)")
+    parser.add_argument("--ofb-arch-travel", type=float, default=None, help="OFB: the arch lr rule's logit travel")
+    parser.add_argument("--ofb-flops-weight", type=float, default=None,
+                        help="OFB FLOPs-loss weight (paper budget control only)")
     parser.add_argument("--uvc-counts-lr", type=float, default=None, help="UVC count lr (short: the demo's)")
     parser.add_argument("--uvc-counts-space", choices=("fraction", "units"), default=None,
                         help="UVC count step space (default: the library's)")
@@ -209,9 +215,10 @@ def load_data(args):
 
 
 def accuracy(model, dataset, batch_size: int = 500) -> float:
-    from hf_vit_compress.demo import accuracy as top1  # the package's own evaluation loop
+    from hf_vit_compress.metrics import evaluate_classifier  # the package's own evaluation loop (top-1 by argmax)
 
-    return top1(model, dataset, batch_size=batch_size)
+    with torch.no_grad():
+        return evaluate_classifier(model, dataset, batch_size=batch_size)["accuracy"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -313,11 +320,10 @@ class AccuracyAtSearchEnd(TrainerCallback):
 
 #: Short-search settings (150 search steps) measured on this benchmark, seeds 0-2, median top-1 at 50% / 30% MACs:
 #: * UVC: the demo's count step (`apply_short_run_settings`, at most 5% of a count's range per step).
-#: * OFB: architecture lr 5e-2 with the paper's FLOPs weight 5: 50.30 / 45.15% (results/quality_cpu.md); the demo's
-#:   1e-2 with weight 500: 47.75 / 46.65% (results/quality_cpu_ofb_demo_settings.md). At 5e-2 / 5 the modules settle
-#:   on their early leaders and the final budget projection sets the widths; at 1e-2 / 500 the search meets the
-#:   budget itself, but the FLOPs gradient shrinks the embedding width first (D = 48, the minimum, at 50%).
-OFB_ARCH_LR, OFB_FLOPS_WEIGHT = 5e-2, 5.0
+#: * OFB: none since issue 13 (its budget is held by a dual variable and its architecture lr follows the search
+#:   length). Before, with the paper's fixed FLOPs weight: architecture lr 5e-2 with weight 5: 50.30 / 45.15%
+#:   (results/quality_cpu.md); the demo's 1e-2 with weight 500: 47.75 / 46.65%
+#:   (results/quality_cpu_ofb_demo_settings.md).
 
 
 def search_overrides(args, method: str, train_size: int) -> dict:
@@ -330,16 +336,18 @@ def search_overrides(args, method: str, train_size: int) -> dict:
     overrides = {}
     if args.search_settings == "short":
         short = apply_short_run_settings(CompressionConfig())
-        overrides = {"ofb.arch_lr": OFB_ARCH_LR, "ofb.flops_loss_weight": OFB_FLOPS_WEIGHT,
-                     "uvc.counts_lr": short.uvc.counts_lr}
-    flags = {"ofb.arch_lr": args.ofb_arch_lr, "ofb.flops_loss_weight": args.ofb_flops_weight,
+        overrides = {"uvc.counts_lr": short.uvc.counts_lr}
+    flags = {"ofb.budget_control": args.ofb_budget_control, "ofb.arch_lr": args.ofb_arch_lr,
+             "ofb.arch_travel": args.ofb_arch_travel, "ofb.flops_loss_weight": args.ofb_flops_weight,
              "uvc.counts_lr": args.uvc_counts_lr, "uvc.counts_space": args.uvc_counts_space,
              "uvc.channel_multiple": args.uvc_channel_multiple,
              "uvc.prune_hidden": None if args.uvc_prune_hidden is None else args.uvc_prune_hidden == "on",
              "uvc.budget_dual_update": args.uvc_budget_dual_update}
     overrides.update({key: value for key, value in flags.items() if value is not None})
-    if args.ofb_elimination_rounds:
-        # Eliminate every search_steps / N steps instead of the library's 3 rounds per epoch. With N = 30 modules
+    if args.ofb_elimination_rounds and overrides.get("ofb.budget_control") != "paper":
+        overrides["ofb.elimination_rounds"] = args.ofb_elimination_rounds
+    elif args.ofb_elimination_rounds:
+        # Eliminate every search_steps / N steps instead of the paper's 3 rounds per epoch. With N = 30 modules
         # were finalised early and budget 0.3 ended at 0.14-0.20 of the MACs (results/quality_cpu_ofb_30rounds.json).
         steps_per_epoch = math.ceil(train_size / args.batch_size)
         search_steps = max(1, math.ceil(args.search_fraction * args.steps))

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 METHODS = ("ofb", "uvc")
+#: how OFB holds its budget (OFBConfig.budget_control)
+BUDGET_CONTROLS = ("dual", "paper")
 FINETUNE_MODES = ("full", "lora")
 #: the Linear layers of a block that LoRA recovery can adapt (BlockParts' names, the same in the compressed model)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2")
@@ -130,14 +132,28 @@ class OFBConfig(_Validated):
         pmim_keep_start, pmim_keep_end: fraction of patch tokens kept unmasked at the start / end of warm-up.
         pmim_window: local-normalisation window at 224 px (scaled with the image size, kept odd).
         module_loss_weight: weight of the summed per-module one-hot losses (0.5).
-        flops_loss_weight: weight of the FLOPs loss (5).
+        budget_control: how the search holds the budget. `"dual"` (default, a deviation from the paper): after
+            every optimizer step the architecture logits are projected onto E[MACs] = target (every module's alpha
+            shifted by t * width / widest width, t by Newton steps on the device), so the other terms decide how
+            the budget is shared but never move it, and no FLOPs loss is used; candidates are eliminated only after
+            warm-up, in `elimination_rounds` rounds spread over the rest of the search. `"paper"`: the paper's
+            fixed-weight FLOPs loss and `eliminations_per_epoch` rounds from the first step.
+        flops_loss_weight: weight of the FLOPs loss ((E[MACs] - target) / dense)^2 (the paper's 5; `"paper"` only).
         norm_coefficient_attention, norm_coefficient_other: c of the norm term c * sum(S) (attention; MLP+embed).
         sigma_eps: clamp of sigma into (eps, 1 - eps) that keeps cot(pi * sigma) finite.
-        arch_lr, arch_betas, arch_weight_decay: AdamW settings of the architecture logits alpha.
+        arch_lr, arch_betas, arch_weight_decay: AdamW settings of the architecture logits alpha. `arch_lr=None`
+            (default): `arch_travel / search steps` under `budget_control="dual"` (Adam moves a logit about lr per
+            step, so that is how far a logit can travel in the whole search, whatever its length), the paper's
+            1e-3 under `"paper"`.
+        arch_travel: the rule's logit travel over the search (used when `arch_lr` is None and the budget control
+            is `"dual"`).
         score_lr: learning rate of the importance logits (None = the weights' learning rate); weight decay 0.
         decoder_lr: learning rate of the PMIM decoder and mask token.
         elimination_threshold: a candidate with p <= threshold / K_active is switched off.
-        eliminations_per_epoch: how often elimination runs (paper: about 3 times per epoch).
+        elimination_rounds: `budget_control="dual"`: elimination rounds, evenly spread over the search after
+            warm-up (none before warm-up ends).
+        eliminations_per_epoch: `budget_control="paper"`: elimination rounds per epoch, from the first step (paper:
+            about 3).
         score_init_std: std of the truncated-normal init of the importance logits s (S = sigmoid(s)).
     """
 
@@ -155,16 +171,19 @@ class OFBConfig(_Validated):
     pmim_keep_end: float = 0.75
     pmim_window: int = 47
     module_loss_weight: float = 0.5
+    budget_control: str = "dual"
     flops_loss_weight: float = 5.0
     norm_coefficient_attention: float = 4e-4
     norm_coefficient_other: float = 1e-4
     sigma_eps: float = 1e-3
-    arch_lr: float = 1e-3
+    arch_lr: float | None = None
+    arch_travel: float = 10.0
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = 1e-3
     score_lr: float | None = None
     decoder_lr: float = 1e-3
     elimination_threshold: float = 0.2
+    elimination_rounds: int = 100
     eliminations_per_epoch: float = 3.0
     score_init_std: float = 0.2
 
@@ -188,8 +207,12 @@ class OFBConfig(_Validated):
         for name in ("module_loss_weight", "flops_loss_weight", "norm_coefficient_attention",
                      "norm_coefficient_other", "arch_weight_decay", "score_init_std"):
             _check(getattr(self, name) >= 0, f"ofb.{name}", getattr(self, name), ">= 0")
-        for name in ("arch_lr", "decoder_lr", "eliminations_per_epoch"):
+        _check(self.budget_control in BUDGET_CONTROLS, "ofb.budget_control", self.budget_control,
+               " or ".join(map(repr, BUDGET_CONTROLS)))
+        for name in ("arch_travel", "decoder_lr", "eliminations_per_epoch"):
             _check(getattr(self, name) > 0, f"ofb.{name}", getattr(self, name), "> 0")
+        _check(self.arch_lr is None or self.arch_lr > 0, "ofb.arch_lr", self.arch_lr, "None or > 0")
+        _check(self.elimination_rounds >= 1, "ofb.elimination_rounds", self.elimination_rounds, ">= 1")
         _check(self.score_lr is None or self.score_lr > 0, "ofb.score_lr", self.score_lr, "None or > 0")
         _check(0 < self.elimination_threshold < 1, "ofb.elimination_threshold", self.elimination_threshold, "(0, 1)")
         _check(all(0 <= b < 1 for b in self.arch_betas), "ofb.arch_betas", self.arch_betas, "two numbers in [0, 1)")

@@ -87,16 +87,10 @@ def tiny_vit_config() -> ViTConfig:
 
 def apply_short_run_settings(config: CompressionConfig) -> CompressionConfig:
     """Raise what the papers tune for tens of thousands of ImageNet steps so a search of a few hundred steps can
-    move as far: OFB's architecture-logit learning rate and FLOPs-loss weight, and UVC's count learning rate (a
-    count moves at most `counts_lr` of its range per step). Used by the demo and the CPU benchmarks; modifies
-    `config` in place and returns it."""
-    # 1e-2, not more: above ~2e-2 the cot one-hot term makes every module collapse onto its early leader (wide
-    # candidates, as CE favours them) before the FLOPs term has acted, leaving the budget to the final projection.
-    config.ofb.arch_lr = 1e-2
-    # The paper's weight 5 makes ((E[MACs] - target) / dense)^2 negligible next to CE over a few hundred steps
-    # (expected MACs end near 0.73 for a 0.5 target, the final projection doing the rest); at 500 the search itself
-    # ends within ~2 points of the budget, with the same accuracy. The ImageNet recipes keep 5.
-    config.ofb.flops_loss_weight = 500.0
+    move as far: UVC's count learning rate (a count moves at most `counts_lr` of its range per step). OFB needs
+    nothing here: its architecture learning rate follows the search length and a dual variable holds its budget
+    (`OFBConfig.budget_control`). Used by the demo and the CPU benchmarks; modifies `config` in place and returns
+    it."""
     # Counts step in fractions of their range (the library's `counts_space`): 5% per step at most, so a count can
     # cross its whole range in 20 of the ~150 search steps; on CIFAR-10 (benchmarks/quality.py, seed 0, 50% MACs)
     # 0.02 and 0.05 gave 51.6% and 52.1%.

@@ -164,14 +164,24 @@ class CompressionTrainer(ResumeChecks, Trainer):
         """The search's recorded values (`{"step": ..., **method.snapshot()}`), as Python numbers."""
         return self._history.records()
 
+    def _search_steps_for(self, max_steps: int) -> int:
+        """Optimizer steps of the search in a run of `max_steps`."""
+        return max(1, math.ceil(self.compression_config.search_fraction * max_steps))
+
     # -- optimizer ---------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
         """The Trainer's optimizer with the model weights in its usual decay/no-decay groups, plus the method's
         own groups (architecture logits, importance scores, decoder) with their own settings."""
-        if self.optimizer is not None:
+        in_training = self.state.max_steps > 0
+        if self.optimizer is not None and not (in_training and getattr(self, "_optimizer_before_training", False)):
             return self.optimizer
+        # Built before train() (the run's length unknown), it is built again when training starts: the search
+        # length sets OFB's architecture learning rate.
+        self._optimizer_before_training = not in_training
         opt_model = self.model if model is None else model
         method = self.method
+        if in_training:
+            method.configure_schedule(self._search_steps_for(self.state.max_steps), method.steps_per_epoch)
         method_parameters = {id(p) for p in method.parameters()}
         lora = self.lora_recovery
         method_parameters |= {id(p) for p in lora.parameters} if lora else set()  # in a group of their own
@@ -451,7 +461,7 @@ class CompressionCallback(TrainerCallback):
                     "epoch. Pass CompressionTrainer(steps_per_epoch=...) (the CLI derives it from "
                     "data.num_train_examples)."
                 )
-        search_steps = max(1, math.ceil(self.trainer.compression_config.search_fraction * state.max_steps))
+        search_steps = self.trainer._search_steps_for(state.max_steps)
         method.configure_schedule(search_steps, steps_per_epoch)
         method.set_progress(state.global_step)
         if state.global_step >= search_steps:

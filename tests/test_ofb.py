@@ -187,9 +187,9 @@ def test_set_progress_ramps_lambda_and_pmim_ratio_over_warmup():
         assert method.metrics()["pmim_mask_ratio"] == pytest.approx(ratio)
 
 
-def test_elimination_runs_about_three_times_per_epoch():
+def test_elimination_runs_about_three_times_per_epoch_under_the_papers_budget_control():
     model = make_vit_classifier()
-    method = OFBMethod(model, CompressionConfig(method="ofb", target_flops=0.5))
+    method = OFBMethod(model, CompressionConfig(method="ofb", target_flops=0.5, ofb={"budget_control": "paper"}))
     method.configure_schedule(total_search_steps=100, steps_per_epoch=9)  # every 3 optimizer steps
     weak = [0.01] + [0.99 / 6] * 6  # mlp widths: 7 candidates, threshold 0.2 / 7 = 0.0286
     set_probabilities(method.mlp[0], weak)
@@ -641,7 +641,8 @@ def test_total_module_loss_equals_the_sum_of_per_module_losses_by_hand():
 
 
 def test_checkpoints_with_one_entry_per_module_still_load():
-    model, method, handle = gated_ofb(target=0.5)
+    # written before the dual budget control too: no budget_dual entry
+    model, method, handle = gated_ofb(target=0.5, budget_control="paper")
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for module in method.searchable_modules().values():
@@ -651,6 +652,8 @@ def test_checkpoints_with_one_entry_per_module_still_load():
     state = model.state_dict()
     old_layout = {}
     for key, value in state.items():
+        if key.endswith("budget_dual"):
+            continue
         group = next((g for g in ("attention", "mlp") if key.startswith(f"compression.{g}.")), None)
         if group is None:
             old_layout[key] = value
@@ -660,7 +663,7 @@ def test_checkpoints_with_one_entry_per_module_still_load():
             old_layout[f"compression.{group}.{index}.{name}"] = value if name in (
                 "widths", "head_counts", "dim_counts") else value[index]
     handle.remove()
-    fresh_model, fresh, _ = gated_ofb(target=0.5, seed=5)
+    fresh_model, fresh, _ = gated_ofb(target=0.5, seed=5, budget_control="paper")
     fresh_model.load_state_dict(old_layout)
     for name in ("score_logits", "alpha", "active", "is_final", "final_keep"):
         assert torch.equal(getattr(fresh.attention, name), getattr(method.attention, name)), name

@@ -34,6 +34,13 @@ from .ofb_modules import (  # noqa: F401  (re-exported: the search space and los
     width_choices,
 )
 
+#: Newton steps of the budget projection when the method is built (then 3 after every optimizer step)
+INITIAL_NEWTON_STEPS = 30
+#: largest change of the projection's shift t in one Newton step, in logits of the widest candidate
+MAX_SHIFT_STEP = 4.0
+#: the paper's architecture-logit learning rate (budget_control="paper" with arch_lr=None)
+PAPER_ARCH_LR = 1e-3
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # The method
@@ -72,6 +79,12 @@ class OFBMethod(CompressionMethod):
         self._forward_terms: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
         self._candidates: tuple | None = None  # (buffer versions, padded_candidates(...)), reused while unchanged
         self._check_budget_reachable()
+        # budget_control="dual": the total shift the budget projection has applied to the logits (logged; 0 under
+        # "paper")
+        self.register_buffer("budget_dual", torch.zeros(()))
+        self.dual_budget = settings.budget_control == "dual"
+        if self.dual_budget:  # start the search at the budget, not at uniform probabilities
+            self.hold_budget(newton_steps=INITIAL_NEWTON_STEPS)
 
     # -- helpers -----------------------------------------------------------------------------------------------
     def groups(self) -> dict[str, SearchableWidth]:
@@ -103,6 +116,11 @@ class OFBMethod(CompressionMethod):
                 "ofb.mlp_ratios, ofb.embed_min_ratio)."
             )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the dual budget control have no dual variable: they searched without one.
+        state_dict.setdefault(f"{prefix}budget_dual", torch.zeros_like(self.budget_dual))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def install_hooks(self) -> None:
         if self.pmim is not None:
             self.pmim.install(self.parts)
@@ -110,6 +128,51 @@ class OFBMethod(CompressionMethod):
     def remove_hooks(self) -> None:
         if self.pmim is not None:
             self.pmim.remove_hooks()
+
+    # -- budget (budget_control="dual") -------------------------------------------------------------------------
+    def _relative_widths(self) -> list[torch.Tensor]:
+        """Every group's candidate widths / its widest candidate: the direction the budget projection moves the
+        logits in (the same slope for every module, so no kind of module is singled out by its MACs price)."""
+        return [group.widths.float() / group.widths.max() for group in self.groups().values()]
+
+    def _expected_macs_at(self, shift: torch.Tensor) -> torch.Tensor:
+        """E[MACs] if every module's logits were alpha - shift * relative width (a function of `shift` alone)."""
+        expected = []
+        for group, relative in zip(self.groups().values(), self._relative_widths()):
+            logits = (group.alpha.detach().float() - shift * relative).masked_fill(~group.active, float("-inf"))
+            expected.append(logits.softmax(-1) @ group.widths.float())
+        attention, mlp, embed = expected
+        return macs_from_width_tensors(self.geometry, embed, attention, attention, mlp)
+
+    @torch.no_grad()
+    def hold_budget(self, newton_steps: int = 3) -> None:
+        """Project the architecture logits onto E[MACs] = target: alpha <- alpha - t * relative width, with t from a
+        few Newton steps on E(t) (monotone in t; the derivative by autograd). All on the device, no host read: run
+        after every optimizer step, so the other loss terms decide how the budget is shared but never move it."""
+        shift = torch.zeros((), device=self.embed.alpha.device)
+        target = float(self.target_macs)  # a Python number: no host-to-device copy per step
+        for _ in range(newton_steps):
+            with torch.enable_grad():
+                point = shift.clone().requires_grad_(True)
+                expected = self._expected_macs_at(point)
+                (slope,) = torch.autograd.grad(expected, point)
+            # every module final: nothing left to move (slope 0)
+            step = torch.where(slope < -1e-6 * target, (expected.detach() - target) / slope.clamp(max=-1e-12), 0.0)
+            shift = shift - step.clamp(-MAX_SHIFT_STEP, MAX_SHIFT_STEP)
+        for group, relative in zip(self.groups().values(), self._relative_widths()):
+            group.alpha.sub_((shift * relative).to(group.alpha.dtype))
+        self.budget_dual.add_(shift)
+
+    def after_optimizer_step(self, learning_rate: float) -> None:
+        if self.dual_budget and not self.search_finished:
+            self.hold_budget()
+
+    def arch_learning_rate(self) -> float:
+        """`ofb.arch_lr`, or when None: `arch_travel / search steps` (dual budget control), the paper's 1e-3 (paper)."""
+        settings = self.settings
+        if settings.arch_lr is not None:
+            return settings.arch_lr
+        return settings.arch_travel / self.total_search_steps if self.dual_budget else PAPER_ARCH_LR
 
     # -- schedule ----------------------------------------------------------------------------------------------
     def set_progress(self, step: int) -> None:
@@ -123,11 +186,25 @@ class OFBMethod(CompressionMethod):
             self.pmim.mask_ratio = 1.0 - keep
             self.pmim.active = not self.search_finished
 
+    @property
+    def warmup_steps(self) -> int:
+        """Search steps of the warm-up (lambda and PMIM ramps); the dual budget control eliminates only after it."""
+        return round(self.settings.warmup_fraction * self.total_search_steps)
+
     def elimination_interval(self) -> int:
+        """Steps between elimination rounds: the post-warm-up search / `elimination_rounds` (dual budget control),
+        or an epoch / `eliminations_per_epoch` (paper)."""
+        if self.dual_budget:
+            return max(1, round((self.total_search_steps - self.warmup_steps) / self.settings.elimination_rounds))
         return max(1, round(self.steps_per_epoch / self.settings.eliminations_per_epoch))
 
+    def is_elimination_step(self, step: int) -> bool:
+        """Whether candidates are eliminated after optimizer step `step` (0-based)."""
+        done = step + 1 - (self.warmup_steps if self.dual_budget else 0)
+        return done > 0 and done % self.elimination_interval() == 0
+
     def on_step_end(self, step: int) -> None:
-        if self.search_finished or (step + 1) % self.elimination_interval() != 0:
+        if self.search_finished or not self.is_elimination_step(step):
             return
         for group in self.groups().values():  # all modules at once, on device
             group.eliminate(self.settings.elimination_threshold)
@@ -195,13 +272,12 @@ class OFBMethod(CompressionMethod):
         module_losses = total_module_loss(groups, [terms[name][0] for name in self.groups()],
                                           [terms[name][1] for name in self.groups()], self._padded_candidates())
         expected = self.expected_macs(terms)
-        flops_loss = ((expected - self.target_macs) / self.dense_macs) ** 2
-        total = total + settings.module_loss_weight * module_losses + settings.flops_loss_weight * flops_loss
-        logs.update(
-            module_loss=module_losses.detach(),
-            flops_loss=flops_loss.detach(),
-            expected_macs_ratio=expected.detach() / self.dense_macs,
-        )
+        total = total + settings.module_loss_weight * module_losses
+        logs.update(module_loss=module_losses.detach(), expected_macs_ratio=expected.detach() / self.dense_macs)
+        if not self.dual_budget:  # the paper's FLOPs loss; the projection holds the budget otherwise
+            flops_loss = ((expected - self.target_macs) / self.dense_macs) ** 2
+            total = total + settings.flops_loss_weight * flops_loss
+            logs["flops_loss"] = flops_loss.detach()
         return total, logs
 
     # -- optimisation ------------------------------------------------------------------------------------------
@@ -211,7 +287,7 @@ class OFBMethod(CompressionMethod):
         groups = [
             {
                 "params": [m.alpha for m in modules],
-                "lr": settings.arch_lr,
+                "lr": self.arch_learning_rate(),
                 "betas": settings.arch_betas,
                 "weight_decay": settings.arch_weight_decay,
             },
@@ -332,8 +408,14 @@ class OFBMethod(CompressionMethod):
         """Names and one 1-D tensor of the values computed on the device: expected MACs ratio, active candidates
         per module, and (for the snapshot) every module's mean importance S and mean sparsity V."""
         terms = self._terms()
-        names = ["expected_macs_ratio"]
-        values = [(self.expected_macs(terms) / self.dense_macs).reshape(1)]
+        # hard_macs_ratio: every module at its most probable candidate (what decide() starts from, before the
+        # projection); budget_dual: the dual variable t (0 under the paper's budget control)
+        hard = {name: group.widths[terms[name][0].argmax(-1)].float() for name, group in self.groups().items()}
+        hard_macs = macs_from_width_tensors(self.geometry, hard["embed"], hard["attention"], hard["attention"],
+                                            hard["mlp"])
+        names = ["expected_macs_ratio", "hard_macs_ratio", "budget_dual"]
+        values = [(self.expected_macs(terms) / self.dense_macs).reshape(1), (hard_macs / self.dense_macs).reshape(1),
+                  self.budget_dual.float().reshape(1)]
         modules = {"embed": [""], "attention": [f".{i}" for i in range(len(self.attention))],
                    "mlp": [f".{i}" for i in range(len(self.mlp))]}
         prefixes = {"embed": "embed", "attention": "attn", "mlp": "mlp"}
