@@ -59,6 +59,7 @@ def test_recipe_holds_the_papers_settings(name):
         assert (ofb.arch_lr, ofb.arch_betas, ofb.arch_weight_decay, ofb.decoder_lr) == (1e-3, (0.5, 0.999), 1e-3,
                                                                                          1e-3)
         assert ofb.warmup_fraction == 0.2 and ofb.pmim and ofb.eliminations_per_epoch == 3.0
+        assert ofb.budget_control == "paper"  # the paper's FLOPs loss, not the library's default projection
         assert (ofb.lambda_start, ofb.lambda_end, ofb.module_loss_weight, ofb.flops_loss_weight) == (0.99, 0.1, 0.5,
                                                                                                      5.0)
     else:
