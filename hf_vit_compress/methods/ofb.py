@@ -34,8 +34,10 @@ from .ofb_modules import (  # noqa: F401  (re-exported: the search space and los
     width_choices,
 )
 
-#: Newton steps of the budget projection when the method is built (then 3 after every optimizer step)
+#: Newton steps of the budget projection when the method is built (then one after every optimizer step)
 INITIAL_NEWTON_STEPS = 30
+#: the forward difference of the projection's Newton steps, in logits of the widest candidate
+SLOPE_DELTA = 1e-2
 #: largest change of the projection's shift t in one Newton step, in logits of the widest candidate
 MAX_SHIFT_STEP = 4.0
 #: the paper's architecture-logit learning rate (budget_control="paper" with arch_lr=None)
@@ -145,19 +147,18 @@ class OFBMethod(CompressionMethod):
         return macs_from_width_tensors(self.geometry, embed, attention, attention, mlp)
 
     @torch.no_grad()
-    def hold_budget(self, newton_steps: int = 3) -> None:
-        """Project the architecture logits onto E[MACs] = target: alpha <- alpha - t * relative width, with t from a
-        few Newton steps on E(t) (monotone in t; the derivative by autograd). All on the device, no host read: run
-        after every optimizer step, so the other loss terms decide how the budget is shared but never move it."""
+    def hold_budget(self, newton_steps: int = 1) -> None:
+        """Project the architecture logits onto E[MACs] = target: alpha <- alpha - t * relative width, with t from
+        Newton steps on E(t) (monotone in t), its slope by a forward difference (two evaluations, no backward). All
+        on the device, no host read. Run after every optimizer step, where alpha moved by about its learning rate,
+        one step from t = 0 is enough; the other loss terms decide how the budget is shared but never move it."""
         shift = torch.zeros((), device=self.embed.alpha.device)
         target = float(self.target_macs)  # a Python number: no host-to-device copy per step
         for _ in range(newton_steps):
-            with torch.enable_grad():
-                point = shift.clone().requires_grad_(True)
-                expected = self._expected_macs_at(point)
-                (slope,) = torch.autograd.grad(expected, point)
+            expected = self._expected_macs_at(shift)
+            slope = (self._expected_macs_at(shift + SLOPE_DELTA) - expected) / SLOPE_DELTA
             # every module final: nothing left to move (slope 0)
-            step = torch.where(slope < -1e-6 * target, (expected.detach() - target) / slope.clamp(max=-1e-12), 0.0)
+            step = torch.where(slope < -1e-6 * target, (expected - target) / slope.clamp(max=-1e-12), 0.0)
             shift = shift - step.clamp(-MAX_SHIFT_STEP, MAX_SHIFT_STEP)
         for group, relative in zip(self.groups().values(), self._relative_widths()):
             group.alpha.sub_((shift * relative).to(group.alpha.dtype))
