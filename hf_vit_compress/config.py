@@ -177,7 +177,7 @@ class OFBConfig(_Validated):
     norm_coefficient_other: float = 1e-4
     sigma_eps: float = 1e-3
     arch_lr: float | None = None
-    arch_travel: float = 10.0
+    arch_travel: float = 3.0
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = 1e-3
     score_lr: float | None = None
