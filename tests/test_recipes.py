@@ -71,6 +71,7 @@ def test_recipe_holds_the_papers_settings(name):
         assert (uvc.gumbel_tau, uvc.counts_lr, uvc.theta_lr, uvc.dual_lr, uvc.dual_init) == (0.5, 0.02, 0.1, 1e-4,
                                                                                                 1e-3)
         assert uvc.counts_space == "fraction"
+        assert uvc.prune_hidden is False  # the paper's search space, not the library's default residual-width search
 
 
 def test_recipes_resolve_by_name_and_every_file_is_valid():

@@ -32,6 +32,9 @@ def tiny_vit(layers: int = 3, seed: int = 0) -> ViTForImageClassification:
 
 
 def uvc_config(target: float = 0.5, **uvc) -> CompressionConfig:
+    """The paper's search space (`prune_hidden=False`) unless `prune_hidden` is given: this file pins the paper's
+    formulas; the default (the residual width searched too) runs end to end below and in tests/test_uvc_hidden.py."""
+    uvc.setdefault("prune_hidden", False)
     return CompressionConfig(method="uvc", target_flops=target, uvc=uvc)
 
 
@@ -363,12 +366,13 @@ def test_round_to_multiple_adds_back_the_best_units_within_budget():
     assert sorted(j for _, j in layer.mlp) == [2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15]
 
 
-@pytest.fixture(scope="module")
-def searched():
-    """A tiny 3-block ViT after a short UVC search under a 15% budget, finalized."""
+@pytest.fixture(scope="module", params=[False, True], ids=["paper_space", "default_prune_hidden"])
+def searched(request):
+    """A tiny 3-block ViT after a short UVC search under a 15% budget, finalized: in the paper's space and with the
+    default residual-width search."""
     model = tiny_vit(layers=3)
     teacher = frozen_teacher_copy(model)
-    config = uvc_config(0.15, skip_warmup_fraction=0.2, theta_budget_weight=1.0)
+    config = uvc_config(0.15, skip_warmup_fraction=0.2, theta_budget_weight=1.0, prune_hidden=request.param)
     method = gated(model, config)
     search(model, method, teacher, steps=20)
     decided = method.decide()
@@ -508,11 +512,12 @@ def test_frozen_teacher_copy_is_frozen_and_refuses_gated_models():
 
 
 # -- DeiT with a distillation token and head ----------------------------------------------------------------
-def test_deit_with_teacher_decide_and_export_match():
+@pytest.mark.parametrize("prune_hidden", [False, True])
+def test_deit_with_teacher_decide_and_export_match(prune_hidden):
     from conftest import make_deit_with_teacher, randomize_parameters
 
     model = randomize_parameters(make_deit_with_teacher(num_hidden_layers=3), seed=3, std=0.3)
-    method = gated(model, uvc_config(0.4))
+    method = gated(model, uvc_config(0.4, prune_hidden=prune_hidden))
     with torch.no_grad():
         method.head_counts.copy_(torch.tensor([1.0, 2.0, 0.0]))
         method.vdim_counts.copy_(torch.tensor([2.0, 0.0, 5.0]))
@@ -555,6 +560,7 @@ def test_compression_trainer_uvc_end_to_end(tmp_path):
     trainer = CompressionTrainer(model=model, args=args, compression_config=config, train_dataset=data)
     method = trainer.method
     assert isinstance(method, UVCMethod) and trainer.teacher is not None
+    assert method.prune_hidden  # the default searches the residual width too
     groups = [g for g in trainer.create_optimizer().param_groups if any(p is method.theta for p in g["params"])]
     assert len(groups) == 1 and groups[0]["lr"] == 0.0 and len(groups[0]["params"]) == 1  # UVC steps theta itself
     theta0 = method.theta.detach().clone()
@@ -567,6 +573,9 @@ def test_compression_trainer_uvc_end_to_end(tmp_path):
     assert count_macs(small) <= method.target_macs
     logged = [entry for entry in trainer.state.log_history if "uvc/ratio" in entry]
     assert logged and all(math.isfinite(entry["uvc/ratio"]) for entry in logged)
+    widths = [entry["uvc/hidden_width"] for entry in trainer.state.log_history if "uvc/hidden_width" in entry]
+    assert widths and all(0 < width <= 32 for width in widths)
+    assert small.config.hidden_size == len(method.export_architecture().hidden_channels)
 
 
 # -- the batched step: the same least-k terms, ratio gradients and masks as the per-block formulas -----------------
@@ -610,7 +619,7 @@ def test_ratio_gradients_equal_autograd_through_the_straight_through_ceil():
     with torch.no_grad():
         method.theta.copy_(torch.tensor([[-1.0, 1.0], [0.4, 0.1], [0.2, 0.9]]))
     ratio, d_counts, d_theta, d_hidden = method._ratio_and_gradients()
-    assert d_hidden is None  # the residual width is not searched by default
+    assert d_hidden is None  # the paper's space: the residual width is not searched
     counts = [c.detach().clone().requires_grad_(True) for c in (method.head_counts, method.vdim_counts,
                                                                  method.mlp_counts)]
     theta = method.theta.detach().clone().requires_grad_(True)

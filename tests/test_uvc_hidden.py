@@ -283,11 +283,12 @@ def test_state_dict_holds_the_residual_state_and_reproduces_decide():
     again.load_state_dict(model.state_dict())
     assert reloaded.search_finished and reloaded.decide().same_units(architecture)
     assert reloaded.decide().hidden_channels == architecture.hidden_channels
-    # the default config keeps the state dict it always had
+    # the default searches the residual width; the paper's space keeps the state dict it always had
     plain = vit()
-    UVCMethod(plain, CompressionConfig(method="uvc", target_flops=0.5))
     default = UVCMethod(plain, CompressionConfig(method="uvc", target_flops=0.5))
-    assert not any("hidden" in name for name in default.state_dict())
+    assert default.prune_hidden and "hidden_count" in default.state_dict()
+    paper = UVCMethod(plain, CompressionConfig(method="uvc", target_flops=0.5, uvc={"prune_hidden": False}))
+    assert not any("hidden" in name for name in paper.state_dict())
 
 
 # -- the final projection lands just under the budget --------------------------------------------------------------

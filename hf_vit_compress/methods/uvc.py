@@ -146,6 +146,10 @@ class UVCMethod(CompressionMethod):
         self._count_terms: tuple[torch.Tensor, torch.Tensor] | None = None
         self._progress = 0  # host copy of progress_step (the skip warm-up is decided every step without a sync)
         self._width_macs = self._linear_macs_coefficients()
+        # the same coefficients as one (2, 3) tensor: a searched residual width turns them into per-unit MACs in one
+        # operation (every value an integer well under 2^24, so exact in float32 whichever way it is computed)
+        self.register_buffer("_width_macs_table", torch.tensor(self._width_macs, dtype=torch.float32).t().contiguous(),
+                             persistent=False)
         # The least-k sets computed at the end of `after_optimizer_step`, which the next forward's masks reuse while
         # the scored weights and the counts are unchanged: (key, groups).
         self._step_groups: tuple[tuple, _Groups] | None = None
@@ -315,6 +319,8 @@ class UVCMethod(CompressionMethod):
     def _unit_macs(self, hidden) -> tuple:
         """MACs of one q/k channel, value channel and MLP unit of a block at residual width `hidden` (a number, or a
         tensor when the residual width is searched)."""
+        if torch.is_tensor(hidden):
+            return torch.addcmul(self._width_macs_table[0], self._width_macs_table[1], hidden).unbind(0)
         return tuple(at_zero + per_channel * hidden for at_zero, per_channel in self._width_macs)
 
     def expected_ratio(self, head_removed=None, vdim_removed=None, mlp_removed=None, run=None,
@@ -392,10 +398,12 @@ class UVCMethod(CompressionMethod):
         return (geo.num_heads - ceiled[HEADS], geo.head_dim - ceiled[VDIMS], geo.intermediate_size - ceiled[MLP],
                 hidden)
 
-    def _block_costs(self, heads_kept, vdim_kept, mlp_kept, hidden_kept) -> tuple[torch.Tensor, torch.Tensor]:
+    def _block_costs(self, heads_kept, vdim_kept, mlp_kept, hidden_kept,
+                     unit_macs: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per block `block_macs` at qk = heads * d, v = heads * v_dim, the MLP width and the residual width
-        (tensors), and the MACs of one head of that block (per_qk * d + per_v * v_dim)."""
-        per_qk, per_v, per_mlp = self._unit_macs(hidden_kept)
+        (tensors), and the MACs of one head of that block (per_qk * d + per_v * v_dim); `unit_macs`:
+        `_unit_macs(hidden_kept)` when the caller has it."""
+        per_qk, per_v, per_mlp = self._unit_macs(hidden_kept) if unit_macs is None else unit_macs
         per_head = per_v * vdim_kept + per_qk * self.geometry.head_dim
         return torch.addcmul(per_mlp * mlp_kept, heads_kept, per_head), per_head
 
@@ -407,8 +415,9 @@ class UVCMethod(CompressionMethod):
         dR/ds_D (0-dim, None when the residual width is not searched), from R's bilinear form (see
         `_linear_macs_coefficients`)."""
         heads_kept, vdim_kept, mlp_kept, hidden_kept = self._kept_widths()
-        per_qk, per_v, per_mlp = self._unit_macs(hidden_kept)
-        costs, per_head = self._block_costs(heads_kept, vdim_kept, mlp_kept, hidden_kept)
+        unit_macs = self._unit_macs(hidden_kept)
+        per_qk, per_v, per_mlp = unit_macs
+        costs, per_head = self._block_costs(heads_kept, vdim_kept, mlp_kept, hidden_kept, unit_macs)
         run = self._gate_probabilities()[:, 1]
         dense = float(self.dense_macs)
         minus_weight = run * (-1.0 / dense)  # dR/dcost_l = run_l / dense; removing units lowers the cost
