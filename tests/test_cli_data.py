@@ -116,7 +116,7 @@ def test_train_help_lists_every_field_with_its_default_and_help(capsys):
             assert default and len(help_text) > 3 and help_text != "(no help)", matching[0]
     by_flag = {line.split(" (default: ")[0].strip(): line for line in lines if " (default: " in line}
     assert "(default: 0.5): the budget as a fraction" in by_flag["--compression.target_flops"]
-    assert "(default: 0.001): AdamW settings of the architecture logits alpha." in by_flag["--compression.ofb.arch_lr"]
+    assert "(default: null): AdamW settings of the architecture logits alpha." in by_flag["--compression.ofb.arch_lr"]
     assert "(default: [-1, 1])" in by_flag["--compression.uvc.theta_init"]
     assert "(default: required)" in by_flag["--model.model_name_or_path"]
     assert "(default: null)" in by_flag["--data.max_eval_samples"]

@@ -194,6 +194,7 @@ def test_streaming_search(tmp_path, steps_per_epoch):
     stream = prepare_dataset(shuffle_stream(stream, seed=0, buffer_size=8, max_buffer_input_shards=1),
                              train_transform)
     config = CompressionConfig(method="ofb", target_flops=0.5, search_fraction=0.5)
+    config.ofb.budget_control = "paper"  # per-epoch elimination: what a stream's epoch length matters to
     config.ofb.eliminations_per_epoch = 2.0
     trainer = CompressionTrainer(model=make_vit_classifier().train(), args=_args(tmp_path, max_steps=8),
                                  compression_config=config, train_dataset=stream, data_collator=collate_images,

@@ -59,11 +59,11 @@ def _train_counting(tmp_path, method: str, logging_steps: int):
             logged_steps.add(state.global_step - 1)
 
     data = [{"pixel_values": make_pixel_values(1, seed=i)[0], "labels": i % NUM_LABELS} for i in range(64)]
-    config = CompressionConfig(method=method, target_flops=0.5, search_fraction=1.0)
+    # one OFB elimination round, after the last steady step (an elimination step may read the device)
+    config = CompressionConfig(method=method, target_flops=0.5, search_fraction=1.0, ofb={"elimination_rounds": 1})
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4,
                              logging_steps=logging_steps, save_strategy="no", report_to=[], use_cpu=True,
                              disable_tqdm=True, dataloader_num_workers=0, remove_unused_columns=False)
-    # steps_per_epoch 300: no OFB elimination within these 12 steps (an elimination step may read the device)
     trainer = CompressionTrainer(model=make_vit_classifier().train(), args=args, compression_config=config,
                                  train_dataset=data, steps_per_epoch=300, callbacks=[Steps()])
     original_tolist = torch.Tensor.tolist

@@ -410,8 +410,9 @@ class OFBMethod(CompressionMethod):
         per module, and (for the snapshot) every module's mean importance S and mean sparsity V."""
         terms = self._terms()
         # hard_macs_ratio: every module at its most probable candidate (what decide() starts from, before the
-        # projection); budget_dual: the dual variable t (0 under the paper's budget control)
-        hard = {name: group.widths[terms[name][0].argmax(-1)].float() for name, group in self.groups().items()}
+        # projection); budget_dual: the total shift of the budget projection (0 under the paper's budget control)
+        hard = {name: group.widths.take(terms[name][0].argmax(-1)).float()  # take: a 0-dim index would sync
+                for name, group in self.groups().items()}
         hard_macs = macs_from_width_tensors(self.geometry, hard["embed"], hard["attention"], hard["attention"],
                                             hard["mlp"])
         names = ["expected_macs_ratio", "hard_macs_ratio", "budget_dual"]
