@@ -142,6 +142,8 @@ class CompressionTrainer(ResumeChecks, Trainer):
         self.method_logs = DeviceLogAccumulator()
         self._history = DeviceHistory()
         self._logged_final_ratio = False
+        # an optimizer built before train() (the run's length unknown) is built again when training starts
+        self._optimizer_before_training = False
         #: the search's own MACs ratio when it ended, before the final projection (None until then, or when this
         #: trainer did not see the search end: resumed after it)
         self.search_macs_ratio: float | None = None
@@ -173,7 +175,7 @@ class CompressionTrainer(ResumeChecks, Trainer):
         """The Trainer's optimizer with the model weights in its usual decay/no-decay groups, plus the method's
         own groups (architecture logits, importance scores, decoder) with their own settings."""
         in_training = self.state.max_steps > 0
-        if self.optimizer is not None and not (in_training and getattr(self, "_optimizer_before_training", False)):
+        if self.optimizer is not None and not (in_training and self._optimizer_before_training):
             return self.optimizer
         # Built before train() (the run's length unknown), it is built again when training starts: the search
         # length sets OFB's architecture learning rate.

@@ -137,10 +137,10 @@ class OFBMethod(CompressionMethod):
         logits in (the same slope for every module, so no kind of module is singled out by its MACs price)."""
         return [group.widths.float() / group.widths.max() for group in self.groups().values()]
 
-    def _expected_macs_at(self, shift: torch.Tensor) -> torch.Tensor:
+    def _expected_macs_at(self, shift: torch.Tensor, relative_widths: list[torch.Tensor]) -> torch.Tensor:
         """E[MACs] if every module's logits were alpha - shift * relative width (a function of `shift` alone)."""
         expected = []
-        for group, relative in zip(self.groups().values(), self._relative_widths()):
+        for group, relative in zip(self.groups().values(), relative_widths):
             logits = (group.alpha.detach().float() - shift * relative).masked_fill(~group.active, float("-inf"))
             expected.append(logits.softmax(-1) @ group.widths.float())
         attention, mlp, embed = expected
@@ -154,13 +154,14 @@ class OFBMethod(CompressionMethod):
         one step from t = 0 is enough; the other loss terms decide how the budget is shared but never move it."""
         shift = torch.zeros((), device=self.embed.alpha.device)
         target = float(self.target_macs)  # a Python number: no host-to-device copy per step
+        relative_widths = self._relative_widths()  # once per projection: both evaluations and the update use it
         for _ in range(newton_steps):
-            expected = self._expected_macs_at(shift)
-            slope = (self._expected_macs_at(shift + SLOPE_DELTA) - expected) / SLOPE_DELTA
+            expected = self._expected_macs_at(shift, relative_widths)
+            slope = (self._expected_macs_at(shift + SLOPE_DELTA, relative_widths) - expected) / SLOPE_DELTA
             # every module final: nothing left to move (slope 0)
             step = torch.where(slope < -1e-6 * target, (expected - target) / slope.clamp(max=-1e-12), 0.0)
             shift = shift - step.clamp(-MAX_SHIFT_STEP, MAX_SHIFT_STEP)
-        for group, relative in zip(self.groups().values(), self._relative_widths()):
+        for group, relative in zip(self.groups().values(), relative_widths):
             group.alpha.sub_((shift * relative).to(group.alpha.dtype))
         self.budget_dual.add_(shift)
 
