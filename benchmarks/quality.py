@@ -20,11 +20,11 @@ Protocol (identical for every method; see benchmarks/README.md):
      `short` (cpu, quick and full modes) the benchmark's short-search constants (UVC: the demo's count step; OFB
      has none since its defaults follow the search length). `--ofb-budget-control`, `--ofb-arch-lr`,
      `--ofb-arch-travel`, `--ofb-flops-weight`, `--ofb-elimination-rounds`, `--uvc-counts-lr`,
-     `--uvc-counts-space`, `--uvc-channel-multiple`, `--uvc-prune-hidden`, `--uvc-budget-dual-update` override
-     either; every run records its full method config. Their accuracy right after the search (final architecture,
-     no fine-tuning yet) is recorded as "before fine-tuning", and their logged scalars (expected MACs ratio, OFB's
-     active candidates per module, UVC's hard ratio, ...) about every 1% of the search as `search_trace` (plot:
-     <name>_search.png).
+     `--uvc-counts-space`, `--uvc-channel-multiple`, `--uvc-prune-hidden`, `--uvc-budget-control`,
+     `--uvc-budget-dual-update` override either; every run records its full method config. Their accuracy right
+     after the search (final architecture, no fine-tuning yet) is recorded as "before fine-tuning", and their
+     logged scalars (expected MACs ratio, OFB's active candidates per module, UVC's hard ratio, ...) about every 1%
+     of the search as `search_trace` (plot: <name>_search.png).
    * tp-magnitude / tp-taylor: Torch-Pruning's MetaPruner (uniform ratio, head dims + residual width, classifier
      kept) pruned once at step 0 to just within the budget (Taylor importance from the loss gradients of 8 training
      batches, no weight update), then plain fine-tuning for all the steps.
@@ -68,7 +68,8 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 _CPU = dict(model=dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=3, intermediate_size=384),
             patch_size=4, train_size=20000, eval_size=2000, validation_size=2000, batch_size=64, dense_steps=5000,
-            steps=300, dense_lr=2e-3, lr=5e-4, budgets="0.7,0.5,0.3", search_settings="short", logs_per_run=10)
+            steps=300, dense_lr=2e-3, lr=5e-4, budgets="0.7,0.5,0.3", search_settings="short", search_fraction=0.5,
+            logs_per_run=10)
 
 #: model shape + schedule of each mode. "cpu" is what fits on a 2-core CPU in about an hour for one seed of the
 #: whole grid (see README); "medium" is the same model, data and dense model with runs 5x as long (1500 steps, long
@@ -76,15 +77,16 @@ _CPU = dict(model=dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=
 #: "quick" only checks that everything runs. `dense_cache` names the mode whose cached dense model is used.
 MODES = {
     "cpu": _CPU,
-    "medium": dict(_CPU, steps=1500, budgets="0.5,0.3", search_settings="library", logs_per_run=50,
-                   dense_cache="cpu"),
+    "medium": dict(_CPU, steps=1500, budgets="0.5,0.3", search_settings="library", search_fraction=None,
+                   logs_per_run=50, dense_cache="cpu"),
     "full": dict(model=dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
                  patch_size=4, train_size=50000, eval_size=10000, validation_size=5000, batch_size=128,
                  dense_steps=39000, steps=7800, dense_lr=1e-3, lr=5e-4, budgets="0.7,0.5,0.3",
-                 search_settings="short", logs_per_run=10),
+                 search_settings="short", search_fraction=0.5, logs_per_run=10),
     "quick": dict(model=dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96),
                   patch_size=4, train_size=512, eval_size=256, validation_size=256, batch_size=32, dense_steps=20,
-                  steps=8, dense_lr=2e-3, lr=5e-4, budgets="0.7,0.5,0.3", search_settings="short", logs_per_run=10),
+                  steps=8, dense_lr=2e-3, lr=5e-4, budgets="0.7,0.5,0.3", search_settings="short", search_fraction=0.5,
+                  logs_per_run=10),
 }
 
 
@@ -110,7 +112,9 @@ def parse_args(argv=None):
     parser.add_argument("--validation-size", type=int, default=None,
                         help="validation images (fixed, seeded; default 2000, quick 256, full 5000)")
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--search-fraction", type=float, default=0.5, help="OFB/UVC: share of the steps searching")
+    parser.add_argument("--search-fraction", type=float, default=None,
+                        help="OFB/UVC: share of the steps searching (default: the library's, 0.2, in medium mode; "
+                             "0.5 in the cpu, quick and full modes)")
     parser.add_argument("--search-settings", choices=("library", "short"), default=None,
                         help="OFB/UVC settings: the library's defaults (medium mode's default) or the benchmark's "
                              "short-search constants (default of the cpu, quick and full modes)")
@@ -131,6 +135,9 @@ def parse_args(argv=None):
                         help="UVC: round final widths to multiples of this (default: the library's, 8)")
     parser.add_argument("--uvc-prune-hidden", choices=("on", "off"), default=None,
                         help="UVC: search the residual width too (UVCConfig.prune_hidden; default: the library's)")
+    parser.add_argument("--uvc-budget-control", choices=("dual", "projection"), default=None,
+                        help="UVC: how the counts meet the budget (UVCConfig.budget_control; 'dual' is the paper's; "
+                             "default: the library's)")
     parser.add_argument("--uvc-budget-dual-update", choices=("log", "additive"), default=None,
                         help="UVC: ascent of the budget dual (UVCConfig.budget_dual_update; 'additive' is the "
                              "paper's; default: the library's, 'log')")
@@ -151,6 +158,10 @@ def parse_args(argv=None):
                 "search_settings"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
+    if args.search_fraction is None:  # None in a preset: the library's default
+        from hf_vit_compress import CompressionConfig
+
+        args.search_fraction = preset["search_fraction"] or CompressionConfig().search_fraction
     args.name = args.name or f"quality_{args.mode}{'_val' if args.eval_on == 'validation' else ''}"
     unknown = set(args.methods.split(",")) - set(METHODS)
     if unknown:
@@ -342,7 +353,7 @@ def search_overrides(args, method: str, train_size: int) -> dict:
              "uvc.counts_lr": args.uvc_counts_lr, "uvc.counts_space": args.uvc_counts_space,
              "uvc.channel_multiple": args.uvc_channel_multiple,
              "uvc.prune_hidden": None if args.uvc_prune_hidden is None else args.uvc_prune_hidden == "on",
-             "uvc.budget_dual_update": args.uvc_budget_dual_update}
+             "uvc.budget_control": args.uvc_budget_control, "uvc.budget_dual_update": args.uvc_budget_dual_update}
     overrides.update({key: value for key, value in flags.items() if value is not None})
     if args.ofb_elimination_rounds and overrides.get("ofb.budget_control") != "paper":
         overrides["ofb.elimination_rounds"] = args.ofb_elimination_rounds

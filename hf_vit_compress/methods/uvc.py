@@ -79,6 +79,7 @@ from ..config import CompressionConfig
 from ..flops import block_macs, stem_and_head_macs
 from ..gating import Masks
 from .base import CompressionMethod
+from .uvc_budget import project_counts_to_budget
 from .uvc_groups import (  # noqa: F401  (LeastKSum, least_k_sum and _Groups are part of this module's API)
     HiddenSets,
     LeastKSum,
@@ -154,6 +155,8 @@ class UVCMethod(CompressionMethod):
         # the scored weights and the counts are unchanged: (key, groups).
         self._step_groups: tuple[tuple, _Groups] | None = None
         self.to(next(model.parameters()).device)
+        if settings.budget_control == "projection":  # the search starts on the budget (`uvc_budget`)
+            self._project_to_budget(iterations=30)
 
     # per-kind views (read and written in place like the tensors they are)
     head_counts = property(lambda self: self.counts[:, HEADS])
@@ -410,6 +413,26 @@ class UVCMethod(CompressionMethod):
     def _ratio(self, costs: torch.Tensor, run: torch.Tensor, hidden_kept) -> torch.Tensor:
         return (stem_and_head_macs(self.geometry, hidden_kept) + (run * costs).sum()) / float(self.dense_macs)
 
+    def _continuous_ratio(self, counts: tuple[torch.Tensor, ...], run: torch.Tensor) -> torch.Tensor:
+        """R of (counts (L, 3)[, residual count]) without the ceil: continuous in the counts (`uvc_budget`)."""
+        geo = self.geometry
+        block_counts = counts[0].unbind(1)
+        hidden = geo.hidden_size - counts[1] if self.prune_hidden else geo.hidden_size
+        costs = self._block_costs(geo.num_heads - block_counts[HEADS], geo.head_dim - block_counts[VDIMS],
+                                  geo.intermediate_size - block_counts[MLP], hidden)[0]
+        return self._ratio(costs, run, hidden)
+
+    @torch.no_grad()
+    def _project_to_budget(self, iterations: int = 1) -> None:
+        """counts (and the residual count) <- the point on the continuous R = B along their ranges (`uvc_budget`)."""
+        counts, count_max = [self.counts], [self.count_max]
+        if self.prune_hidden:
+            counts.append(self.hidden_count)
+            count_max.append(self.hidden_count_max)
+        run = self._gate_probabilities()[:, 1]
+        project_counts_to_budget(counts, count_max, lambda values: self._continuous_ratio(values, run),
+                                 self.target_ratio, iterations)
+
     def _ratio_and_gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """R (noise-free gates), dR/dcounts (L, 3) (straight-through ceil: d ceil(s)/ds = 1), dR/dtheta (L, 2) and
         dR/ds_D (0-dim, None when the residual width is not searched), from R's bilinear form (see
@@ -487,11 +510,14 @@ class UVCMethod(CompressionMethod):
             # dims apart), SGD (in `counts_space`)
             group_term, budget_term = self.duals * torch.stack(slopes, 1), budget * d_counts
             self._count_terms = (group_term, budget_term)  # kept for `metrics()` (no extra operation)
-            count_grads = group_term + budget_term
+            # under budget_control="projection" the budget is the projection's (after theta's step), not z's
+            projection = settings.budget_control == "projection"
+            count_grads = group_term if projection else group_term + budget_term
             self._projected_sgd(self.counts, count_grads, self.count_max, settings.counts_lr, settings.counts_space,
                                 joint_columns=2)
             if self.prune_hidden:  # the residual count: y_D * v_(ceil+1) + z * dR/ds_D, clipped on its own
-                hidden_grad = self.hidden_dual * groups.hidden.slope(ceiled[3]) + budget * d_hidden
+                hidden_grad = self.hidden_dual * groups.hidden.slope(ceiled[3])
+                hidden_grad = hidden_grad if projection else hidden_grad + budget * d_hidden
                 self._projected_sgd(self.hidden_count, hidden_grad, self.hidden_count_max, settings.counts_lr,
                                     settings.counts_space)
             # 3. theta: dL_KD/dtheta + w * z * dR/dtheta, SGD with momentum (frozen during the skip warm-up); a
@@ -506,6 +532,8 @@ class UVCMethod(CompressionMethod):
                 # theta - lr * momentum, or theta itself (times 0) when the gradient was not finite
                 self.theta.sub_(settings.theta_lr * momentum.to(self.theta.dtype) * finite)
             self.theta.grad = None
+            if projection:
+                self._project_to_budget()
             # 4. projected dual ascent at the new primal point (same weights: the same scores, new least-k sets,
             # which are also the next forward's)
             ceiled = self._ceiled_counts()
