@@ -25,12 +25,12 @@ def test_projection_solves_a_bilinear_ratio_from_either_side_and_respects_the_bo
 
     for start in (torch.zeros(2, 2), maxes.clone()):  # over budget (remove) and under it (give back)
         counts = [start]
-        project_counts_to_budget(counts, [maxes], ratio, 0.4, iterations=30)
+        project_counts_to_budget(counts, [maxes], [maxes], ratio, 0.4, iterations=30)
         assert float(ratio(counts)) == pytest.approx(0.4, abs=1e-4)
         assert bool((counts[0] >= 0).all() and (counts[0] <= maxes).all())
     # a budget under what the bounds allow ends at the bounds, not beyond them
     counts = [torch.zeros(2, 2)]
-    project_counts_to_budget(counts, [maxes], ratio, 0.001, iterations=30)
+    project_counts_to_budget(counts, [maxes], [maxes], ratio, 0.001, iterations=30)
     assert torch.equal(counts[0], maxes)
 
 

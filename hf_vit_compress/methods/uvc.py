@@ -423,14 +423,19 @@ class UVCMethod(CompressionMethod):
         return self._ratio(costs, run, hidden)
 
     @torch.no_grad()
-    def _project_to_budget(self, iterations: int = 1) -> None:
-        """counts (and the residual count) <- the point on the continuous R = B along their ranges (`uvc_budget`)."""
+    def _project_to_budget(self, iterations: int = 1, gradients: tuple | None = None) -> None:
+        """counts (and the residual count) <- the point on the continuous R = B along the budget's gradient in the
+        counts' step space (`uvc_budget`); `gradients`: (dR/dcounts, dR/ds_D) when the caller has them."""
+        d_counts, d_hidden = self._ratio_and_gradients()[1::2] if gradients is None else gradients
+        fraction = self.config.uvc.counts_space == "fraction"
         counts, count_max = [self.counts], [self.count_max]
+        directions = [-d_counts * self.count_max.square() if fraction else -d_counts]
         if self.prune_hidden:
             counts.append(self.hidden_count)
             count_max.append(self.hidden_count_max)
+            directions.append(-d_hidden * self.hidden_count_max.square() if fraction else -d_hidden)
         run = self._gate_probabilities()[:, 1]
-        project_counts_to_budget(counts, count_max, lambda values: self._continuous_ratio(values, run),
+        project_counts_to_budget(counts, count_max, directions, lambda values: self._continuous_ratio(values, run),
                                  self.target_ratio, iterations)
 
     def _ratio_and_gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -533,7 +538,7 @@ class UVCMethod(CompressionMethod):
                 self.theta.sub_(settings.theta_lr * momentum.to(self.theta.dtype) * finite)
             self.theta.grad = None
             if projection:
-                self._project_to_budget()
+                self._project_to_budget(gradients=(d_counts, d_hidden))
             # 4. projected dual ascent at the new primal point (same weights: the same scores, new least-k sets,
             # which are also the next forward's)
             ceiled = self._ceiled_counts()
