@@ -122,7 +122,7 @@ class _KeptChannelLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, keep_over_count, scaled_keep, weight, bias, eps: float):
         mean = (x * keep_over_count).sum(-1, keepdim=True)
-        shifted = torch.addcmul(mean, x - mean, scaled_keep)
+        shifted = torch.lerp(mean, x, scaled_keep)  # mean + scaled_keep * (x - mean), one operation
         out, ln_mean, ln_rstd = torch.native_layer_norm(shifted, (x.shape[-1],), weight, bias, eps)
         ctx.save_for_backward(shifted, ln_mean, ln_rstd, weight, bias, keep_over_count, scaled_keep)
         return out

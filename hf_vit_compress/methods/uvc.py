@@ -413,9 +413,12 @@ class UVCMethod(CompressionMethod):
     def _ratio(self, costs: torch.Tensor, run: torch.Tensor, hidden_kept) -> torch.Tensor:
         return (stem_and_head_macs(self.geometry, hidden_kept) + (run * costs).sum()) / float(self.dense_macs)
 
-    def _continuous_ratio(self, counts: tuple[torch.Tensor, ...], run: torch.Tensor) -> torch.Tensor:
-        """R of (counts (L, 3)[, residual count]) without the ceil: continuous in the counts (`uvc_budget`)."""
+    def _continuous_ratio(self, counts: tuple[torch.Tensor, ...], run: torch.Tensor,
+                          ceil: bool = False) -> torch.Tensor:
+        """R of (counts (L, 3)[, residual count]) without the ceil (continuous in the counts, `uvc_budget`), or with
+        it (`ceil=True`: the widths the forward masks keep)."""
         geo = self.geometry
+        counts = [values.ceil() for values in counts] if ceil else counts
         block_counts = counts[0].unbind(1)
         hidden = geo.hidden_size - counts[1] if self.prune_hidden else geo.hidden_size
         costs = self._block_costs(geo.num_heads - block_counts[HEADS], geo.head_dim - block_counts[VDIMS],
@@ -436,7 +439,8 @@ class UVCMethod(CompressionMethod):
             directions.append(-d_hidden * self.hidden_count_max.square() if fraction else -d_hidden)
         run = self._gate_probabilities()[:, 1]
         project_counts_to_budget(counts, count_max, directions, lambda values: self._continuous_ratio(values, run),
-                                 self.target_ratio, iterations)
+                                 self.target_ratio, iterations,
+                                 residual_of=lambda values: self._continuous_ratio(values, run, ceil=True))
 
     def _ratio_and_gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """R (noise-free gates), dR/dcounts (L, 3) (straight-through ceil: d ceil(s)/ds = 1), dR/dtheta (L, 2) and
