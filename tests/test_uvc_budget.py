@@ -36,22 +36,24 @@ def test_projection_solves_a_bilinear_ratio_from_either_side_and_respects_the_bo
 
 @pytest.mark.parametrize("prune_hidden", [False, True])
 @pytest.mark.parametrize("target", [0.5, 0.3])
-def test_search_holds_the_continuous_ratio_on_the_budget_and_never_exceeds_it_hard(prune_hidden, target):
+def test_search_holds_the_masks_ratio_on_the_budget(prune_hidden, target):
     model = tiny_vit()
     teacher = frozen_teacher_copy(model)
     method = gated(model, uvc_config(target, prune_hidden=prune_hidden, budget_control="projection"))
-    # the search starts on the budget: construction projects the counts already
+    # the search starts on the budget: construction projects the (continuous) counts onto it already
     assert continuous_ratio(method) == pytest.approx(target, abs=1e-3)
-    ratios, hard = [], []
-    for _ in range(4):
+    hard = []
+    for _ in range(20):
         search(model, method, teacher, steps=3, lr=1e-2)
-        ratios.append(continuous_ratio(method))
         hard.append(method.search_macs_ratio())
-    assert ratios == pytest.approx([target] * len(ratios), abs=1e-3)
-    # the hard counts (ceil) remove at least as much as the continuous ones: R <= B without overshooting far
-    assert all(target - 0.2 <= value <= target + 1e-6 for value in hard), hard
-    architecture = method.decide()
-    assert architecture is not None
+    # R of the ceiled counts (what the masks keep) is under the continuous one by up to a head per block; the offset
+    # closes that gap within a few dozen steps, then R stays within about one unit (a head of one block here, 1/36
+    # of the MACs) of the budget, on either side
+    assert all(value <= target + 0.025 for value in hard), hard
+    assert all(abs(value - target) <= 0.025 for value in hard[-5:]), hard
+    assert hard[0] < hard[-1]
+    assert continuous_ratio(method) >= method.search_macs_ratio() - 1e-6
+    assert method.decide() is not None
 
 
 def test_dual_mode_is_the_default_and_untouched():

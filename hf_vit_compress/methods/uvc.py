@@ -94,6 +94,8 @@ from .uvc_projection import ProjectionHidden, ProjectionLayer, project_and_round
 #: columns of `UVCMethod.counts`, `count_max` and `duals`; heads and MLP units share one inf-norm clip in the counts'
 #: SGD, so they are adjacent
 HEADS, MLP, VDIMS = 0, 1, 2
+#: budget_control="projection": the share of the masks' budget gap added to the continuous target per step
+OFFSET_RATE = 0.05
 
 
 class UVCMethod(CompressionMethod):
@@ -122,6 +124,8 @@ class UVCMethod(CompressionMethod):
         self.register_buffer("theta_momentum", torch.zeros(layers, 2))
         self.register_buffer("duals", torch.full((layers, 3), float(settings.dual_init)))
         self.register_buffer("budget_dual", torch.tensor(float(settings.dual_init)))
+        # budget_control="projection": how far above B the continuous R is held so that the ceiled counts' R is on B
+        self.register_buffer("budget_offset", torch.zeros(()))
         self.register_buffer("progress_step", torch.tensor(0, dtype=torch.long))
         # the skip warm-up's fixed gate (run = skip = 0.5), kept on the device: no host-to-device copy per step
         self.register_buffer("warmup_run", torch.tensor(0.5), persistent=False)
@@ -439,8 +443,11 @@ class UVCMethod(CompressionMethod):
             directions.append(-d_hidden * self.hidden_count_max.square() if fraction else -d_hidden)
         run = self._gate_probabilities()[:, 1]
         project_counts_to_budget(counts, count_max, directions, lambda values: self._continuous_ratio(values, run),
-                                 self.target_ratio, iterations,
-                                 residual_of=lambda values: self._continuous_ratio(values, run, ceil=True))
+                                 self.target_ratio + self.budget_offset, iterations)
+        # the masks keep the ceiled counts, up to a whole head per block under the continuous R: the offset integrates
+        # that gap slowly (a few hundredths per step), so the masks' R settles on B without flipping units every step
+        gap = self.target_ratio - self._continuous_ratio(counts, run, ceil=True)
+        self.budget_offset.add_(OFFSET_RATE * gap).clamp_(min=0.0, max=1.0 - self.target_ratio)
 
     def _ratio_and_gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """R (noise-free gates), dR/dcounts (L, 3) (straight-through ceil: d ceil(s)/ds = 1), dR/dtheta (L, 2) and

@@ -25,11 +25,9 @@ PROBE = 0.01
 @torch.no_grad()
 def project_counts_to_budget(counts: Sequence[torch.Tensor], count_max: Sequence[torch.Tensor],
                              directions: Sequence[torch.Tensor],
-                             ratio_of: Callable[[Sequence[torch.Tensor]], torch.Tensor], target: float,
-                             iterations: int = 1,
-                             residual_of: Callable[[Sequence[torch.Tensor]], torch.Tensor] | None = None) -> None:
-    """Moves `counts` in place to `clamp(counts + t * u, 0, count_max)` with R = `target`, R = `residual_of(counts)`
-    (default `ratio_of`).
+                             ratio_of: Callable[[Sequence[torch.Tensor]], torch.Tensor], target: float | torch.Tensor,
+                             iterations: int = 1) -> None:
+    """Moves `counts` in place to `clamp(counts + t * u, 0, count_max)` with R = `ratio_of(counts)` = `target`.
 
     Args:
         counts: the removal counts (any shapes), moved together.
@@ -38,19 +36,17 @@ def project_counts_to_budget(counts: Sequence[torch.Tensor], count_max: Sequence
             u / count_max is 1 (the probe then moves no count by more than `PROBE` of its range).
         ratio_of: R of a tuple of counts (continuous in them, non-increasing along `count_max`), a 0-dim tensor.
         target: the budget B as a fraction of the dense MACs.
-        iterations: Newton steps, each with a forward-difference slope of `ratio_of` probed towards the target.
-        residual_of: the R the target is for, when it is not `ratio_of` (UVC: the ceiled counts' R, piecewise
-            constant, which the continuous one's slope steers).
+        iterations: Newton steps, each with a forward-difference slope probed towards the target.
     """
-    residual_of = ratio_of if residual_of is None else residual_of
     largest = torch.stack([(u / m.clamp(min=1.0)).amax() for u, m in zip(directions, count_max)]).amax()
     directions = [u / largest.clamp(min=1e-30) for u in directions]
     for _ in range(iterations):
-        residual = residual_of(counts) - target
+        ratio = ratio_of(counts)
+        residual = ratio - target
         # probe towards the target (a count at a bound in that direction then adds no slope), branch-free
         probe = torch.where(residual > 0, PROBE, -PROBE)
         moved = [torch.minimum((c + probe * u).clamp(min=0.0), m) for c, u, m in zip(counts, directions, count_max)]
-        slope = (ratio_of(moved) - ratio_of(counts)) / probe  # dR/dt <= 0
+        slope = (ratio_of(moved) - ratio) / probe  # dR/dt <= 0
         # nothing left to move (slope 0): a large step, which the clamp turns into the bound
         step = -residual / slope.clamp(max=-1e-6)
         for c, u, m in zip(counts, directions, count_max):
