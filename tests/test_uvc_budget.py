@@ -11,27 +11,34 @@ from hf_vit_compress.methods.uvc_budget import project_counts_to_budget
 
 
 def continuous_ratio(method) -> float:
-    counts = [method.counts] + ([method.hidden_count] if method.prune_hidden else [])
     with torch.no_grad():
-        return float(method._continuous_ratio(counts, method._gate_probabilities()[:, 1]))
+        return float(method._ratio_and_gradients(ceil=False)[0])
 
 
-def test_projection_solves_a_bilinear_ratio_from_either_side_and_respects_the_bounds():
+def test_newton_steps_solve_a_bilinear_ratio_from_either_side_and_respect_the_bounds():
     maxes = torch.tensor([[3.0, 10.0], [3.0, 10.0]])
+    direction = torch.tensor([[1.0, 2.0], [1.0, 2.0]])
 
-    def ratio(values):  # two blocks of (4 - s0) * (11 - s1) units, out of 2 * 44
-        kept = (4.0 - values[0][:, 0]) * (11.0 - values[0][:, 1])
-        return kept.sum() / 88.0
+    def ratio_and_gradient(counts):  # two blocks of (4 - s0) * (11 - s1) units, out of 2 * 44
+        kept_a, kept_b = 4.0 - counts[:, 0], 11.0 - counts[:, 1]
+        return (kept_a * kept_b).sum() / 88.0, torch.stack([-kept_b, -kept_a], 1) / 88.0
+
+    def solve(start, target, steps=30):
+        counts = start.clone()
+        for _ in range(steps):
+            ratio, gradient = ratio_and_gradient(counts)
+            project_counts_to_budget([counts], [maxes], [direction], [gradient], ratio, target)
+        return counts
 
     for start in (torch.zeros(2, 2), maxes.clone()):  # over budget (remove) and under it (give back)
-        counts = [start]
-        project_counts_to_budget(counts, [maxes], [maxes], ratio, 0.4, iterations=30)
-        assert float(ratio(counts)) == pytest.approx(0.4, abs=1e-4)
-        assert bool((counts[0] >= 0).all() and (counts[0] <= maxes).all())
+        counts = solve(start, 0.4)
+        assert float(ratio_and_gradient(counts)[0]) == pytest.approx(0.4, abs=1e-4)
+        assert bool((counts >= 0).all() and (counts <= maxes).all())
+    # one step from the dense point moves every count along the direction, by the same t
+    counts = solve(torch.zeros(2, 2), 0.4, steps=1)
+    assert torch.allclose(counts / direction, counts[0, 0] / direction[0, 0])
     # a budget under what the bounds allow ends at the bounds, not beyond them
-    counts = [torch.zeros(2, 2)]
-    project_counts_to_budget(counts, [maxes], [maxes], ratio, 0.001, iterations=30)
-    assert torch.equal(counts[0], maxes)
+    assert torch.equal(solve(torch.zeros(2, 2), 0.001), maxes)
 
 
 @pytest.mark.parametrize("prune_hidden", [False, True])

@@ -160,7 +160,8 @@ class UVCMethod(CompressionMethod):
         self._step_groups: tuple[tuple, _Groups] | None = None
         self.to(next(model.parameters()).device)
         if settings.budget_control == "projection":  # the search starts on the budget (`uvc_budget`)
-            self._project_to_budget(iterations=30)
+            for _ in range(30):
+                self._project_to_budget()
 
     # per-kind views (read and written in place like the tensors they are)
     head_counts = property(lambda self: self.counts[:, HEADS])
@@ -396,13 +397,17 @@ class UVCMethod(CompressionMethod):
             self._hidden_group.shrink(groups.hidden.removed, torch.reciprocal(1.0 + 2.0 * learning_rate *
                                                                               self.hidden_dual))
 
-    def _kept_widths(self) -> tuple:
-        """Per block the kept heads, value head dim and MLP width of the current counts (ceil), each (L,), and the
-        kept residual width (0-dim; the dense width, a number, when it is not searched)."""
+    def _kept_widths(self, ceil: bool = True) -> tuple:
+        """Per block the kept heads, value head dim and MLP width of the current counts (ceil: what the masks keep;
+        `ceil=False`: the continuous relaxation), each (L,), and the kept residual width (0-dim; the dense width, a
+        number, when it is not searched)."""
         geo = self.geometry
-        ceiled = self.counts.ceil().unbind(1)
-        hidden = geo.hidden_size - self.hidden_count.ceil() if self.prune_hidden else geo.hidden_size
-        return (geo.num_heads - ceiled[HEADS], geo.head_dim - ceiled[VDIMS], geo.intermediate_size - ceiled[MLP],
+        counts = self.counts.ceil() if ceil else self.counts
+        columns = counts.unbind(1)
+        hidden = geo.hidden_size
+        if self.prune_hidden:
+            hidden = geo.hidden_size - (self.hidden_count.ceil() if ceil else self.hidden_count)
+        return (geo.num_heads - columns[HEADS], geo.head_dim - columns[VDIMS], geo.intermediate_size - columns[MLP],
                 hidden)
 
     def _block_costs(self, heads_kept, vdim_kept, mlp_kept, hidden_kept,
@@ -417,43 +422,30 @@ class UVCMethod(CompressionMethod):
     def _ratio(self, costs: torch.Tensor, run: torch.Tensor, hidden_kept) -> torch.Tensor:
         return (stem_and_head_macs(self.geometry, hidden_kept) + (run * costs).sum()) / float(self.dense_macs)
 
-    def _continuous_ratio(self, counts: tuple[torch.Tensor, ...], run: torch.Tensor,
-                          ceil: bool = False) -> torch.Tensor:
-        """R of (counts (L, 3)[, residual count]) without the ceil (continuous in the counts, `uvc_budget`), or with
-        it (`ceil=True`: the widths the forward masks keep)."""
-        geo = self.geometry
-        counts = [values.ceil() for values in counts] if ceil else counts
-        block_counts = counts[0].unbind(1)
-        hidden = geo.hidden_size - counts[1] if self.prune_hidden else geo.hidden_size
-        costs = self._block_costs(geo.num_heads - block_counts[HEADS], geo.head_dim - block_counts[VDIMS],
-                                  geo.intermediate_size - block_counts[MLP], hidden)[0]
-        return self._ratio(costs, run, hidden)
-
     @torch.no_grad()
-    def _project_to_budget(self, iterations: int = 1, gradients: tuple | None = None) -> None:
-        """counts (and the residual count) <- the point on the continuous R = B along the budget's gradient in the
-        counts' step space (`uvc_budget`); `gradients`: (dR/dcounts, dR/ds_D) when the caller has them."""
-        d_counts, d_hidden = self._ratio_and_gradients()[1::2] if gradients is None else gradients
+    def _project_to_budget(self, ratio_and_gradients: tuple | None = None) -> None:
+        """One Newton step of the counts (and the residual count) towards the continuous R = B + `budget_offset`
+        along the budget's gradient in the counts' step space (`uvc_budget`); `ratio_and_gradients`: R and
+        dR/dcounts, dR/ds_D of `_ratio_and_gradients(ceil=False)` when the caller has them."""
+        ratio, d_counts, _, d_hidden = self._ratio_and_gradients(ceil=False) if ratio_and_gradients is None \
+            else ratio_and_gradients
         fraction = self.config.uvc.counts_space == "fraction"
-        counts, count_max = [self.counts], [self.count_max]
-        directions = [-d_counts * self.count_max.square() if fraction else -d_counts]
+        counts, count_max, gradients = [self.counts], [self.count_max], [d_counts]
         if self.prune_hidden:
             counts.append(self.hidden_count)
             count_max.append(self.hidden_count_max)
-            directions.append(-d_hidden * self.hidden_count_max.square() if fraction else -d_hidden)
-        run = self._gate_probabilities()[:, 1]
-        project_counts_to_budget(counts, count_max, directions, lambda values: self._continuous_ratio(values, run),
-                                 self.target_ratio + self.budget_offset, iterations)
-        # the masks keep the ceiled counts, up to a whole head per block under the continuous R: the offset integrates
-        # that gap slowly (a few hundredths per step), so the masks' R settles on B without flipping units every step
-        gap = self.target_ratio - self._continuous_ratio(counts, run, ceil=True)
-        self.budget_offset.add_(OFFSET_RATE * gap).clamp_(min=0.0, max=1.0 - self.target_ratio)
+            gradients.append(d_hidden)
+        # fraction space: u = -dR/ds * range^2 (the steepest descent of R in s / range); units space: u = -dR/ds
+        directions = [-g * m.square() if fraction else -g for g, m in zip(gradients, count_max)]
+        project_counts_to_budget(counts, count_max, directions, gradients, ratio,
+                                 self.target_ratio + self.budget_offset)
 
-    def _ratio_and_gradients(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _ratio_and_gradients(self, ceil: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                torch.Tensor | None]:
         """R (noise-free gates), dR/dcounts (L, 3) (straight-through ceil: d ceil(s)/ds = 1), dR/dtheta (L, 2) and
         dR/ds_D (0-dim, None when the residual width is not searched), from R's bilinear form (see
-        `_linear_macs_coefficients`)."""
-        heads_kept, vdim_kept, mlp_kept, hidden_kept = self._kept_widths()
+        `_linear_macs_coefficients`); at the ceiled counts, or (`ceil=False`) at the continuous ones."""
+        heads_kept, vdim_kept, mlp_kept, hidden_kept = self._kept_widths(ceil)
         unit_macs = self._unit_macs(hidden_kept)
         per_qk, per_v, per_mlp = unit_macs
         costs, per_head = self._block_costs(heads_kept, vdim_kept, mlp_kept, hidden_kept, unit_macs)
@@ -519,15 +511,16 @@ class UVCMethod(CompressionMethod):
             groups = self._groups(ceiled, heads_only=True)
             slopes = [None] * 3
             slopes[HEADS], slopes[VDIMS], slopes[MLP] = groups.least_k_slopes(ceiled)
-            ratio, d_counts, d_theta, d_hidden = self._ratio_and_gradients()
+            # under budget_control="projection" the budget is the projection's (after theta's step), not z's; R and
+            # its gradients are then the continuous counts' (the projection's Newton step uses them)
+            projection = settings.budget_control == "projection"
+            ratio, d_counts, d_theta, d_hidden = self._ratio_and_gradients(ceil=not projection)
             # the budget term is dropped only far under the budget: R - B < -clip
             budget = self.budget_dual * (ratio - self.target_ratio >= -settings.budget_gap_clip)
             # 2. counts: y * v_(ceil+1) + z * dR/ds, projected, inf-norm clipped (heads and MLP units jointly, value
             # dims apart), SGD (in `counts_space`)
             group_term, budget_term = self.duals * torch.stack(slopes, 1), budget * d_counts
             self._count_terms = (group_term, budget_term)  # kept for `metrics()` (no extra operation)
-            # under budget_control="projection" the budget is the projection's (after theta's step), not z's
-            projection = settings.budget_control == "projection"
             count_grads = group_term if projection else group_term + budget_term
             self._projected_sgd(self.counts, count_grads, self.count_max, settings.counts_lr, settings.counts_space,
                                 joint_columns=2)
@@ -548,8 +541,9 @@ class UVCMethod(CompressionMethod):
                 # theta - lr * momentum, or theta itself (times 0) when the gradient was not finite
                 self.theta.sub_(settings.theta_lr * momentum.to(self.theta.dtype) * finite)
             self.theta.grad = None
-            if projection:
-                self._project_to_budget(gradients=(d_counts, d_hidden))
+            if projection:  # R and its gradients from before this step's count move: the next step corrects
+                self._project_to_budget((ratio, d_counts, d_theta, d_hidden))
+            run = self._gate_probabilities()[:, 1]  # at the new theta
             # 4. projected dual ascent at the new primal point (same weights: the same scores, new least-k sets,
             # which are also the next forward's)
             ceiled = self._ceiled_counts()
@@ -562,7 +556,12 @@ class UVCMethod(CompressionMethod):
             if self.prune_hidden:
                 self.hidden_dual.add_(settings.dual_lr * groups.hidden.least_k_sum())
             kept = self._kept_widths()
-            new_ratio = self._ratio(self._block_costs(*kept)[0], self._gate_probabilities()[:, 1], kept[3])
+            new_ratio = self._ratio(self._block_costs(*kept)[0], run, kept[3])
+            if projection:
+                # the masks keep the ceiled counts, up to a whole head per block under the continuous R: the offset
+                # integrates that gap slowly, so the masks' R settles on B without flipping units every step
+                self.budget_offset.add_(OFFSET_RATE * (self.target_ratio - new_ratio)).clamp_(
+                    min=0.0, max=1.0 - self.target_ratio)
             if settings.budget_dual_update == "log":  # z <- z exp(eta (R - B)), kept in [dual_init, 1e12]
                 factor = torch.exp(self.budget_dual_log_lr * (new_ratio - self.target_ratio))
                 self.budget_dual.mul_(factor).clamp_(min=settings.dual_init, max=1e12)
