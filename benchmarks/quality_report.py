@@ -34,11 +34,23 @@ def upgrade_settings(settings: dict) -> dict:
     return settings
 
 
+#: settings only OFB and UVC runs depend on: runs of the other methods merge across them
+SEARCH_ONLY_SETTINGS = ("search_fraction", "search_settings")
+
+
 def merge_results(results: dict, other: dict, source: str) -> None:
-    """Add `other`'s runs (newer ones win) and invocations to `results`; settings must agree."""
-    if upgrade_settings(other["settings"]) != results["settings"]:
-        raise SystemExit(f"--merge-from {source}: other settings:\n  {other['settings']}\nnot\n  {results['settings']}")
-    results["runs"].update(other["runs"])
+    """Add `other`'s runs (newer ones win) and invocations to `results`; settings must agree, except the search's
+    own (`SEARCH_ONLY_SETTINGS`): then only `other`'s runs of methods that do not search are added."""
+    theirs, ours = upgrade_settings(other["settings"]), results["settings"]
+    runs = other["runs"]
+    if theirs != ours:
+        unshared = {key for key in set(theirs) | set(ours) if theirs.get(key) != ours.get(key)}
+        if not unshared <= set(SEARCH_ONLY_SETTINGS):
+            raise SystemExit(f"--merge-from {source}: other settings:\n  {other['settings']}\nnot\n  {ours}")
+        runs = {key: run for key, run in runs.items() if run["method"] not in ("ofb", "uvc")}
+        print(f"--merge-from {source}: settings differ in {sorted(unshared)} (OFB/UVC only): merged its "
+              f"{len(runs)} runs of the other methods")
+    results["runs"].update(runs)
     results["invocations"].extend(other["invocations"])
     results["dense"] = results["dense"] or other["dense"]
 

@@ -49,3 +49,26 @@ def test_eager_quick_run_writes_results_with_the_sdpa_backend_used(tmp_path):
     saved = json.loads((tmp_path / "q.json").read_text())
     assert saved["cells"][0]["rows"][0]["variant"] == "dense"
     assert "| quick | 2 | eager | ofb@0.5 |" in (tmp_path / "q.md").read_text()
+
+
+def test_quality_merge_takes_baselines_across_search_settings_only():
+    import quality_report
+
+    def results(fraction, budget="0.5,0.3"):
+        settings = {"mode": "medium", "steps": 1500, "search_fraction": fraction, "budgets": budget,
+                    "eval_split": "test", "search_settings": "library"}
+        runs = {f"{method}|0.5|0": {"method": method} for method in ("ofb", "uvc", "tp-taylor", "uniform")}
+        return {"settings": settings, "runs": runs, "invocations": [], "dense": None}
+
+    ours = results(0.2)
+    ours["runs"] = {}
+    quality_report.merge_results(ours, results(0.5), "old.json")
+    assert sorted(ours["runs"]) == ["tp-taylor|0.5|0", "uniform|0.5|0"]  # the searches' runs stay out
+    quality_report.merge_results(ours, results(0.2), "same.json")
+    assert len(ours["runs"]) == 4
+    try:
+        quality_report.merge_results(ours, results(0.2, budget="0.7"), "other.json")
+    except SystemExit as error:
+        assert "other settings" in str(error)
+    else:
+        raise AssertionError("settings beyond the search's must agree")
