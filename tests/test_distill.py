@@ -1,0 +1,68 @@
+"""Tests for the distillation loss and the frozen teacher (`hf_vit_compress.distill`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_uvc import NUM_LABELS, gated, tiny_vit, uvc_config
+from torch.nn import functional as F
+
+from hf_vit_compress.distill import distillation_loss, frozen_teacher_copy, split_student_logits
+
+
+def _logits(seed: int, shape=(6, NUM_LABELS)) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def test_distillation_alpha_zero_is_cross_entropy():
+    student, teacher = _logits(0), _logits(1)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    loss = distillation_loss(student, teacher, labels, alpha=0.0, temperature=3.0, label_smoothing=0.1)
+    torch.testing.assert_close(loss, F.cross_entropy(student, labels, label_smoothing=0.1))
+    plain = distillation_loss(student, teacher, labels, alpha=0.0, temperature=3.0)
+    assert abs(loss.item() - plain.item()) > 1e-3  # smoothing is used
+    torch.testing.assert_close(plain, F.cross_entropy(student, labels))
+
+
+def test_distillation_kl_term_is_zero_for_identical_logits_and_scales_with_temperature():
+    student, teacher = _logits(0), _logits(1)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    assert distillation_loss(student, student.clone(), labels, alpha=1.0, temperature=2.0).item() == pytest.approx(
+        0.0, abs=1e-6)
+    for temperature in (1.0, 4.0):
+        expected = temperature**2 * (
+            F.softmax(teacher / temperature, -1)
+            * (F.log_softmax(teacher / temperature, -1) - F.log_softmax(student / temperature, -1))
+        ).sum(-1).mean()
+        kd = distillation_loss(student, teacher, labels, alpha=1.0, temperature=temperature)
+        torch.testing.assert_close(kd, expected)
+    mixed = distillation_loss(student, teacher, labels, alpha=0.25, temperature=2.0)
+    ce = F.cross_entropy(student, labels)
+    kd = distillation_loss(student, teacher, None, alpha=1.0, temperature=2.0)
+    torch.testing.assert_close(mixed, 0.75 * ce + 0.25 * kd)
+
+
+def test_distillation_uses_deit_distillation_head_for_kl():
+    cls_logits, dist_logits, teacher = _logits(0), _logits(2), _logits(1)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    loss = distillation_loss(cls_logits, teacher, labels, alpha=0.5, temperature=1.0,
+                             student_distillation_logits=dist_logits)
+    expected = 0.5 * F.cross_entropy(cls_logits, labels) + 0.5 * distillation_loss(dist_logits, teacher, None, 1.0, 1.0)
+    torch.testing.assert_close(loss, expected)
+    # soft (mixup) labels work too
+    soft = F.one_hot(labels, NUM_LABELS).float()
+    torch.testing.assert_close(distillation_loss(cls_logits, None, soft, 0.0, 1.0), F.cross_entropy(cls_logits, labels))
+
+
+def test_frozen_teacher_copy_is_frozen_and_refuses_gated_models():
+    model = tiny_vit(layers=2)
+    teacher = frozen_teacher_copy(model)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    assert teacher.vit.layers[0].mlp.fc1.weight.data_ptr() != model.vit.layers[0].mlp.fc1.weight.data_ptr()
+    gated(model, uvc_config(0.5))
+    with pytest.raises(ValueError, match="before installing gates"):
+        frozen_teacher_copy(model)
+    out = model(pixel_values=torch.randn(2, 3, 16, 16))
+    logits, distillation = split_student_logits(out)
+    assert distillation is None and logits.shape == (2, NUM_LABELS)
