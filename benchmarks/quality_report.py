@@ -36,22 +36,32 @@ def upgrade_settings(settings: dict) -> dict:
 
 #: settings only OFB and UVC runs depend on: runs of the other methods merge across them
 SEARCH_ONLY_SETTINGS = ("search_fraction", "search_settings")
+SEARCHES = ("ofb", "uvc")
+
+
+def _searches_only(command: str) -> bool:
+    """Whether a recorded quality.py command ran OFB/UVC only (`--methods` naming nothing else)."""
+    words = command.split()
+    if "--methods" not in words or words.index("--methods") + 1 >= len(words):
+        return False
+    return set(words[words.index("--methods") + 1].split(",")) <= set(SEARCHES)
 
 
 def merge_results(results: dict, other: dict, source: str) -> None:
     """Add `other`'s runs (newer ones win) and invocations to `results`; settings must agree, except the search's
     own (`SEARCH_ONLY_SETTINGS`): then only `other`'s runs of methods that do not search are added."""
     theirs, ours = upgrade_settings(other["settings"]), results["settings"]
-    runs = other["runs"]
+    runs, invocations = other["runs"], other["invocations"]
     if theirs != ours:
         unshared = {key for key in set(theirs) | set(ours) if theirs.get(key) != ours.get(key)}
         if not unshared <= set(SEARCH_ONLY_SETTINGS):
             raise SystemExit(f"--merge-from {source}: other settings:\n  {other['settings']}\nnot\n  {ours}")
-        runs = {key: run for key, run in runs.items() if run["method"] not in ("ofb", "uvc")}
+        runs = {key: run for key, run in runs.items() if run["method"] not in SEARCHES}
+        invocations = [p for p in invocations if not _searches_only(p["command"])]
         print(f"--merge-from {source}: settings differ in {sorted(unshared)} (OFB/UVC only): merged its "
               f"{len(runs)} runs of the other methods")
     results["runs"].update(runs)
-    results["invocations"].extend(other["invocations"])
+    results["invocations"].extend(invocations)
     results["dense"] = results["dense"] or other["dense"]
 
 

@@ -58,12 +58,15 @@ def test_quality_merge_takes_baselines_across_search_settings_only():
         settings = {"mode": "medium", "steps": 1500, "search_fraction": fraction, "budgets": budget,
                     "eval_split": "test", "search_settings": "library"}
         runs = {f"{method}|0.5|0": {"method": method} for method in ("ofb", "uvc", "tp-taylor", "uniform")}
-        return {"settings": settings, "runs": runs, "invocations": [], "dense": None}
+        invocations = [{"command": "python benchmarks/quality.py --medium --methods ofb,uvc"},
+                       {"command": "python benchmarks/quality.py --medium --methods tp-taylor,uniform"}]
+        return {"settings": settings, "runs": runs, "invocations": invocations, "dense": None}
 
     ours = results(0.2)
-    ours["runs"] = {}
+    ours["runs"], ours["invocations"] = {}, []
     quality_report.merge_results(ours, results(0.5), "old.json")
     assert sorted(ours["runs"]) == ["tp-taylor|0.5|0", "uniform|0.5|0"]  # the searches' runs stay out
+    assert [p["command"].split()[-1] for p in ours["invocations"]] == ["tp-taylor,uniform"]  # and their commands
     quality_report.merge_results(ours, results(0.2), "same.json")
     assert len(ours["runs"]) == 4
     try:
