@@ -612,14 +612,17 @@ def test_checkpoints_with_one_buffer_per_kind_still_load():
     with torch.no_grad():
         method.duals.copy_(torch.rand(3, 3))
     state = model.state_dict()
-    old_layout = {k: v for k, v in state.items() if not k.endswith(("compression.counts", "compression.duals"))}
+    # before counts and duals were one buffer each, and before the budget projection's offset existed
+    old_layout = {k: v for k, v in state.items()
+                  if not k.endswith(("compression.counts", "compression.duals", "compression.budget_offset"))}
     for kind, column in (("head", 0), ("mlp", 1), ("vdim", 2)):
         old_layout[f"compression.{kind}_counts"] = state["compression.counts"][:, column].clone()
         old_layout[f"compression.{kind}_duals"] = state["compression.duals"][:, column].clone()
     fresh_model = tiny_vit(seed=9)
     fresh = gated(fresh_model, uvc_config(0.5))
-    fresh_model.load_state_dict(old_layout)
+    fresh_model.load_state_dict(old_layout)  # strict
     assert torch.equal(fresh.counts, method.counts) and torch.equal(fresh.duals, method.duals)
+    assert float(fresh.budget_offset) == 0.0
 
 
 def test_the_next_forward_reuses_the_step_s_least_k_sets_only_while_nothing_changed():

@@ -176,6 +176,8 @@ class UVCMethod(UVCBudget, CompressionMethod):
             keys = [f"{prefix}{kind}_{name}" for kind in ("head", "mlp", "vdim")]  # column order HEADS, MLP, VDIMS
             if f"{prefix}{name}" not in state_dict and all(key in state_dict for key in keys):
                 state_dict[f"{prefix}{name}"] = torch.stack([state_dict.pop(key) for key in keys], 1)
+        # Checkpoints written before the budget projection have no offset: it starts at 0 (unused by the dual).
+        state_dict.setdefault(f"{prefix}budget_offset", torch.zeros(()))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         # A reload may carry another final architecture: rebuild it (and its masks) from the loaded buffers.
         self.final_architecture = None
