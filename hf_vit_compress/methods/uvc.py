@@ -88,7 +88,6 @@ from .uvc_groups import (  # noqa: F401  (LeastKSum, least_k_sum and _Groups are
     _Groups,
     _order,
     least_k_sum,
-    straight_through_ceil,
 )
 from .uvc_hidden import HiddenGroup
 from .uvc_projection import ProjectionHidden, ProjectionLayer, project_and_round, unit_floors
