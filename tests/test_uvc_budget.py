@@ -60,6 +60,9 @@ def test_search_holds_the_masks_ratio_on_the_budget(prune_hidden, target):
     assert all(abs(value - target) <= 0.025 for value in hard[-5:]), hard
     assert hard[0] < hard[-1]
     assert continuous_ratio(method) >= method.search_macs_ratio() - 1e-6
+    # the logs show the group term that moved the counts, and no budget term (the projection replaced it)
+    logged = method.metrics()
+    assert "uvc/count_grad_group_heads" in logged and not any("count_grad_budget" in key for key in logged)
     assert method.decide() is not None
 
 

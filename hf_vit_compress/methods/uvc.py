@@ -81,7 +81,14 @@ from ..architecture import Architecture, LayerArchitecture
 from ..config import CompressionConfig
 from ..gating import Masks
 from .base import CompressionMethod
-from .uvc_budget import HEADS, MLP, OFFSET_RATE, VDIMS, UVCBudget  # noqa: F401  (MLP is this module's API too)
+from .uvc_budget import (  # noqa: F401  (MLP is this module's API too)
+    HEADS,
+    INITIAL_NEWTON_STEPS,
+    MLP,
+    OFFSET_RATE,
+    VDIMS,
+    UVCBudget,
+)
 from .uvc_groups import (  # noqa: F401  (LeastKSum, least_k_sum and _Groups are part of this module's API)
     HiddenSets,
     LeastKSum,
@@ -143,7 +150,7 @@ class UVCMethod(UVCBudget, CompressionMethod):
         self._last_logs: dict[str, torch.Tensor] = {}
         # the last step's two terms of the counts' gradient, (group duals x least-k slopes, budget dual x dR/dcounts),
         # each (L, 3), logged by `metrics()` (mean over blocks per kind)
-        self._count_terms: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._count_terms: tuple[torch.Tensor, ...] | None = None
         self._progress = 0  # host copy of progress_step (the skip warm-up is decided every step without a sync)
         self._width_macs = self._linear_macs_coefficients()
         # the same coefficients as one (2, 3) tensor: a searched residual width turns them into per-unit MACs in one
@@ -155,7 +162,7 @@ class UVCMethod(UVCBudget, CompressionMethod):
         self._step_groups: tuple[tuple, _Groups] | None = None
         self.to(next(model.parameters()).device)
         if settings.budget_control == "projection":  # the search starts on the budget (`uvc_budget`)
-            for _ in range(30):
+            for _ in range(INITIAL_NEWTON_STEPS):
                 self._project_to_budget()
 
     # per-kind views (read and written in place like the tensors they are)
@@ -383,9 +390,13 @@ class UVCMethod(UVCBudget, CompressionMethod):
             budget = self.budget_dual * (ratio - self.target_ratio >= -settings.budget_gap_clip)
             # 2. counts: y * v_(ceil+1) + z * dR/ds, projected, inf-norm clipped (heads and MLP units jointly, value
             # dims apart), SGD (in `counts_space`)
-            group_term, budget_term = self.duals * torch.stack(slopes, 1), budget * d_counts
-            self._count_terms = (group_term, budget_term)  # kept for `metrics()` (no extra operation)
-            count_grads = group_term if projection else group_term + budget_term
+            group_term = self.duals * torch.stack(slopes, 1)
+            if projection:  # no budget term: the projection below moves the counts onto the budget
+                self._count_terms, count_grads = (group_term,), group_term
+            else:
+                budget_term = budget * d_counts
+                self._count_terms = (group_term, budget_term)  # kept for `metrics()` (no extra operation)
+                count_grads = group_term + budget_term
             self._projected_sgd(self.counts, count_grads, self.count_max, settings.counts_lr, settings.counts_space,
                                 joint_columns=2)
             if self.prune_hidden:  # the residual count: y_D * v_(ceil+1) + z * dR/ds_D, clipped on its own
@@ -536,7 +547,8 @@ class UVCMethod(UVCBudget, CompressionMethod):
             "uvc/skipped_blocks": (1.0 - hard_run).sum(),
             "uvc/run_probability_mean": run.mean(),
         }
-        if self._count_terms is not None:  # what pushes the counts down (group term) and up (budget term)
+        # what pushes the counts down (group term) and up (budget term; none under budget_control="projection")
+        if self._count_terms is not None:
             for label, term in zip(("group", "budget"), self._count_terms):
                 means = term.mean(0)
                 for kind, column in (("heads", HEADS), ("mlp", MLP), ("vdims", VDIMS)):

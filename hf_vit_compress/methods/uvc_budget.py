@@ -35,6 +35,8 @@ from .uvc_groups import straight_through_ceil
 HEADS, MLP, VDIMS = 0, 1, 2
 #: budget_control="projection": the share of the masks' budget gap added to the continuous target per step
 OFFSET_RATE = 0.05
+#: budget_control="projection": Newton steps when the method is built (then one after every optimizer step)
+INITIAL_NEWTON_STEPS = 30
 
 
 @torch.no_grad()
