@@ -6,18 +6,18 @@ and classifier head) at the kept widths, weighted by the blocks' run probabiliti
 widths and the residual width, so R and its derivatives come from six per-unit coefficients.
 
 The projection. The paper's primal-dual search meets the budget through the dual z of R <= B: z grows while R > B,
-the counts follow, and R overshoots (on the medium CIFAR-10 benchmark at 30% MACs, to 0.09-0.12 early in the search,
-every value head down to one dimension) before z decays again; the removed groups are shrunk by the proximal step
-all the while. With the projection the counts take their SGD step from the group term alone, then move along the
-budget's own gradient in the counts' step space, `counts + t * u` (clamped to [0, count_max]), with t such that the
-continuous R (the counts without the ceil) equals B. In the fraction space (`counts_space="fraction"`) that
-direction is u = -dR/ds * count_max^2: what the dual's term z * dR/ds would move, at the z that meets the budget
-exactly, so each kind gives up MACs in proportion to what its units cost, and the group terms decide which blocks
-give up more. One Newton step per optimizer step (R is bilinear in the counts, its gradient known in closed form)
-keeps R on B, 30 when the method is built. The masks keep the ceiled counts, up to a whole head per block fewer than
-the continuous ones, so the continuous R is held at B + an offset that integrates the masks' gap to B (`OFFSET_RATE`
-of it per step): the masks' R settles on B without a unit flipping every step. Nothing is read back from the device.
-On the medium benchmark's validation split it held the budget but did not beat the dual
+the counts follow, and R overshoots (on the medium CIFAR-10 benchmark at 30% MACs, to 0.08-0.09 after its warm-up in
+the quality.py runs, value heads down to a few dimensions) before z decays again; the removed groups are shrunk by
+the proximal step all the while. With the projection the counts take their SGD step from the group term alone, then
+move along the budget's own gradient in the counts' step space, `counts + t * u` (clamped to [0, count_max]), with t
+such that the continuous R (the counts without the ceil) equals B. In the fraction space (`counts_space="fraction"`)
+that direction is u = -dR/ds * count_max^2: what the dual's term z * dR/ds would move, at the z that meets the
+budget exactly, so each kind gives up MACs in proportion to what its units cost, and the group terms decide which
+blocks give up more. One Newton step per optimizer step (R is bilinear in the counts, its gradient known in closed
+form) keeps R on B, 30 when the method is built. The masks keep the ceiled counts, up to a whole head per block
+fewer than the continuous ones, so the continuous R is held at B + an offset that integrates the masks' gap to B
+(`OFFSET_RATE` of it per step): the masks' R settles on B without a unit flipping every step. Nothing is read back
+from the device. On the medium benchmark's validation split it held the budget but did not beat the dual
 (benchmarks/results/quality_medium_tuning_val.md).
 """
 
