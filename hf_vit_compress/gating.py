@@ -14,6 +14,15 @@ the weight rows and bias, x (m W)^T + m b, so that autograd keeps no (batch, tok
 gradient; given as one `(num_blocks, units)` tensor, it is folded into all the linears it gates at once (one stack
 of their weights, one multiply, one split, whatever the number of blocks; `_FoldedWeights`). A constant mask (hard
 0/1 masks, fixed scales) multiplies the linear's output: one multiply forward and one backward.
+
+A pruned residual width (`Masks.hidden_keep`, K of D channels kept) is computed exactly as the narrower model does
+it, at almost no cost: every layer that writes into the residual stream (the embeddings, o_proj, fc2) writes a times
+its kept channels, a = sqrt(D / K), and a times their mean into the dropped ones (o_proj's and fc2's weight rows
+rewritten so, all of them in a few batched operations; `_MeanFilledRows`). A plain LayerNorm over all D channels
+then sees mean a * mu and variance a^2 (K / D) var = var of the kept channels, the same eps included; its weight
+times keep / a and its bias times keep give the kept-channel LayerNorm exactly, and 0 on dropped channels. Where a
+dropout after o_proj / fc2 is active (it would break the fill), each LayerNorm computes the kept channels'
+statistics itself instead (`_KeptChannelLayerNorm`).
 """
 
 from __future__ import annotations
@@ -59,18 +68,30 @@ class MaskProvider(Protocol):
 
 
 class KeptChannelStatistics:
-    """What every masked LayerNorm of one forward shares: from the 0/1 `keep` (D channels, K kept), keep / K,
-    keep * a with a = sqrt(D / K), and every LayerNorm's rescaled affine terms weight * keep / a and bias * keep
-    (see `_KeptChannelLayerNorm`), computed for all LayerNorms at once. Built once per forward."""
+    """What every masked LayerNorm (and, with `fill`, every residual writer) of one forward shares: from the 0/1
+    `keep` (D channels, K kept), keep / K, keep * a with a = sqrt(D / K), and every LayerNorm's rescaled affine terms
+    weight * keep / a and bias * keep (see `_KeptChannelLayerNorm`), computed for all LayerNorms at once. Built once
+    per forward.
 
-    def __init__(self, keep: torch.Tensor, layernorms: list[nn.Module]):
+    Args:
+        keep: `(D,)` 0/1 indicator of the kept residual channels.
+        layernorms: the LayerNorms that normalise the kept channels only.
+        fill: whether the residual writers fill the dropped channels with the kept channels' mean (then every
+            LayerNorm is a plain one with the rescaled affine terms; see the module docstring).
+    """
+
+    def __init__(self, keep: torch.Tensor, layernorms: list[nn.Module], fill: bool = False):
         keep = keep.detach().float()
         count = keep.sum()
         scale = (keep.shape[-1] / count).sqrt()
+        self.fill = fill
         self.keep = keep
         self.keep_over_count = keep / count
         self.scaled_keep = keep * scale
+        if fill:  # the row operator of `_MeanFilledRows`: r = a * keep, m = a * keep / K, d = 1 - keep
+            self.fill_vectors = (self.scaled_keep, self.scaled_keep / count, 1.0 - keep)
         self.affine: dict[int, tuple] = {}
+        self._filled: dict[int, tuple] = {}  # id(linear) -> its (weight, bias) with the dropped rows mean-filled
         if layernorms and all(ln.weight is not None and ln.bias is not None for ln in layernorms):
             count = len(layernorms)
             scaled = _ScaledStack.apply(keep / scale, keep, count, *[ln.weight for ln in layernorms],
@@ -80,6 +101,79 @@ class KeptChannelStatistics:
             for ln in layernorms:
                 weight = None if ln.weight is None else ln.weight.float() * (keep / scale)
                 self.affine[id(ln)] = (weight, None if ln.bias is None else ln.bias.float() * keep)
+
+    def filled(self, linear: nn.Linear, writers: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`linear`'s (weight, bias) with every dropped output row replaced by the mean of the kept rows; on the
+        first call, those of all `writers` at once (one `_MeanFilledRows` per shape)."""
+        pair = self._filled.get(id(linear))
+        if pair is not None:
+            return pair
+        if not any(writer is linear for writer in writers):  # e.g. a LoRA update's B: on its own
+            pair = tuple(None if t is None else _MeanFilledRows.apply(*self.fill_vectors, t)[0]
+                         for t in (linear.weight, linear.bias))
+            self._filled[id(linear)] = pair
+            return pair
+        by_shape: dict[tuple, list[torch.Tensor]] = {}
+        for tensor in (t for writer in writers for t in (writer.weight, writer.bias) if t is not None):
+            by_shape.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor)
+        filled = {}
+        for tensors in by_shape.values():
+            filled.update(zip(map(id, tensors), _MeanFilledRows.apply(*self.fill_vectors, *tensors)))
+        for writer in writers:
+            self._filled[id(writer)] = (filled[id(writer.weight)],
+                                        None if writer.bias is None else filled[id(writer.bias)])
+        return self._filled[id(linear)]
+
+
+class _MeanFilledRows(torch.autograd.Function):
+    """W'_i = diag(r) W_i + d m^T W_i for same-shaped tensors W_i whose dim 0 is the residual channel (o_proj and
+    fc2 weights, their biases): with r = a * keep, m = a * keep / K and d = 1 - keep, kept rows are scaled by a and
+    every dropped row becomes a times the mean of the kept rows. A layer with such weights writes into every dropped
+    channel the mean of what it writes into the kept ones, and a sum of such layers (the residual stream) keeps that
+    property (module docstring). By hand: one stack, two batched matmuls and one multiply forward, whatever the number
+    of tensors (autograd through `torch.stack` adds an operation per tensor)."""
+
+    @staticmethod
+    def forward(ctx, row_scale, mean_weights, dropped, *tensors):
+        stacked = torch.stack(tensors)
+        count, size = len(tensors), stacked.shape[1]
+        flat = stacked.view(count, size, -1)  # (n, D, rest)
+        row_scale, mean_weights, dropped = (v.to(flat.dtype) for v in (row_scale, mean_weights, dropped))
+        means = torch.bmm(mean_weights.expand(count, 1, size), flat)  # (n, 1, rest): m^T W
+        filled = torch.baddbmm(flat * row_scale.view(1, size, 1), dropped.view(1, size, 1).expand(count, size, 1),
+                               means)
+        ctx.shape = stacked.shape
+        ctx.save_for_backward(row_scale, mean_weights, dropped)
+        return filled.view(stacked.shape).unbind(0)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        row_scale, mean_weights, dropped = ctx.saved_tensors
+        count, size = ctx.shape[0], ctx.shape[1]
+        grads = torch.stack([torch.zeros(ctx.shape[1:], dtype=row_scale.dtype, device=row_scale.device)
+                             if g is None else g for g in grads])
+        flat = grads.view(count, size, -1)
+        # dL/dW = diag(r) G + m (d^T G): what the dropped rows received goes to the kept ones
+        dropped_sums = torch.bmm(dropped.to(flat.dtype).expand(count, 1, size), flat)  # (n, 1, rest)
+        grad = torch.baddbmm(flat * row_scale.to(flat.dtype).view(1, size, 1),
+                             mean_weights.to(flat.dtype).view(1, size, 1).expand(count, size, 1), dropped_sums)
+        return (None, None, None, *grad.view(ctx.shape).unbind(0))
+
+
+class _MeanFill(torch.autograd.Function):
+    """x' = r * x + d * (x . m) along the last dim, with r, m, d as in `_MeanFilledRows`: the kept channels scaled by
+    a, every dropped one set to a times the kept channels' mean. By hand: four operations forward and four backward."""
+
+    @staticmethod
+    def forward(ctx, x, row_scale, mean_weights, dropped):
+        row_scale, mean_weights, dropped = (v.to(x.dtype) for v in (row_scale, mean_weights, dropped))
+        ctx.save_for_backward(row_scale, mean_weights, dropped)
+        return torch.addcmul(x * row_scale, (x * mean_weights).sum(-1, keepdim=True), dropped)
+
+    @staticmethod
+    def backward(ctx, grad):
+        row_scale, mean_weights, dropped = ctx.saved_tensors
+        return torch.addcmul(grad * row_scale, (grad * dropped).sum(-1, keepdim=True), mean_weights), None, None, None
 
 
 class _ScaledStack(torch.autograd.Function):
@@ -160,20 +254,17 @@ class MaskedLayerNorm(nn.Module):
         statistics = self._state[0].kept_channel_statistics()
         if statistics is None:
             return nn.functional.layer_norm(hidden_states, self.normalized_shape, self.weight, self.bias, self.eps)
+        weight, bias = statistics.affine[id(self)]
+        if statistics.fill:  # the dropped channels hold the kept channels' mean: a plain LayerNorm (module docstring)
+            dtype = hidden_states.dtype
+            if weight.dtype != dtype and not torch.is_autocast_enabled(hidden_states.device.type):
+                weight, bias = weight.to(dtype), bias.to(dtype)  # (autocast runs LayerNorms in float32 itself)
+            return nn.functional.layer_norm(hidden_states, self.normalized_shape, weight, bias, self.eps)
         # Statistics in float32 (as nn.LayerNorm does under autocast).
         x = hidden_states if hidden_states.dtype == torch.float32 else hidden_states.float()
-        weight, bias = statistics.affine[id(self)]
         out = _KeptChannelLayerNorm.apply(x, statistics.keep_over_count, statistics.scaled_keep, weight, bias,
                                           self.eps)
         return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
-
-
-def _scale_output(mask_of):
-    def hook(module, args, output):
-        mask = mask_of(output.dtype)
-        return output if mask is None else output * mask
-
-    return hook
 
 
 class _BlockMix(torch.autograd.Function):
@@ -236,6 +327,10 @@ class GateHandle:
         self._slots: list[tuple[nn.Linear, str, int]] = []  # gated linears with their mask kind and block
         self._extra_slots: list[tuple[nn.Linear, str, int]] = []  # linears gated like one of them
         self._statistics: KeptChannelStatistics | None = None  # per forward, for the masked LayerNorms
+        self._residual_writers: list[nn.Linear] = []  # o_proj and fc2 of every block
+        self._extra_writers: list[nn.Linear] = []  # linears that write into the residual stream like one of them
+        # a dropout after o_proj / fc2 would break the mean fill while training (module docstring)
+        self._writer_dropout = float(getattr(self.parts.backbone.config, "hidden_dropout_prob", 0.0) or 0.0)
         self.enabled = True
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._gated_linears: list[nn.Linear] = []
@@ -247,11 +342,14 @@ class GateHandle:
     def _install(self) -> None:
         parts = self.parts
         self._hooks.append(self.model.register_forward_pre_hook(self._refresh_masks))
-        self._hooks.append(parts.embeddings.register_forward_hook(
-            _scale_output(lambda dtype: self._mask("hidden", None, dtype))))
+        self._hooks.append(parts.embeddings.register_forward_hook(self._embeddings_output))
         for index, block in enumerate(parts.blocks):
             for linear, kind in ((block.q_proj, "qk"), (block.k_proj, "qk"), (block.v_proj, "v"), (block.fc1, "mlp")):
                 self._gate_linear(linear, kind, index)
+            for linear in (block.o_proj, block.fc2):  # residual writers: mean-filled rows under a pruned width
+                linear.forward = functools.partial(self._residual_forward, linear)
+                self._gated_linears.append(linear)
+                self._residual_writers.append(linear)
             self._hooks.append(block.block.register_forward_hook(self._block_gate(index), with_kwargs=True))
         for parent, name in self._layernorm_slots():
             original = getattr(parent, name)
@@ -270,14 +368,24 @@ class GateHandle:
         """Whether this handle gates `linear`'s output units (q/k/v projections and fc1, or a `gate_like` one)."""
         return any(linear is gated for gated, _, _ in self._slots + self._extra_slots)
 
+    def writes_residual(self, linear: nn.Module) -> bool:
+        """Whether `linear` writes into the residual stream through this handle (o_proj, fc2, or a `gate_like` one):
+        its dropped residual rows are mean-filled under a pruned residual width."""
+        return any(linear is writer for writer in self._residual_writers + self._extra_writers)
+
     def gate_like(self, linear: nn.Linear, gated: nn.Linear) -> None:
-        """Gate `linear`'s output units with `gated`'s mask (undone by `remove()`). For a Linear whose output is
-        added to `gated`'s, such as a LoRA update's B: the dense model then computes what the exported model, which
-        keeps only the gated Linear's kept units, computes. Folded on its own, not in the batched fold of the
-        block linears (its weight has another shape)."""
+        """Gate `linear`'s output units with `gated`'s mask, or mean-fill its dropped residual rows like `gated`'s
+        when `gated` writes into the residual stream (undone by `remove()`). For a Linear whose output is added to
+        `gated`'s, such as a LoRA update's B: the dense model then computes what the exported model, which keeps
+        only the gated Linear's kept units, computes. Folded on its own, not in the batched fold of the block
+        linears (its weight has another shape)."""
+        self._gated_linears.append(linear)
+        if any(gated is writer for writer in self._residual_writers):  # its output goes into the residual stream too
+            linear.forward = functools.partial(self._residual_forward, linear)
+            self._extra_writers.append(linear)
+            return
         kind, index = next((kind, index) for other, kind, index in self._slots if other is gated)
         linear.forward = functools.partial(self._gated_forward, linear, kind, index)
-        self._gated_linears.append(linear)
         self._extra_slots.append((linear, kind, index))
 
     def _gated_forward(self, linear: nn.Linear, kind: str, index: int, input: torch.Tensor) -> torch.Tensor:
@@ -302,6 +410,24 @@ class GateHandle:
             return nn.functional.linear(input, linear.weight * mask[:, None], bias)
         output = nn.functional.linear(input, linear.weight, linear.bias)
         return output * self._mask(kind, index, output.dtype)
+
+    def _residual_forward(self, linear: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+        """`linear` (o_proj, fc2, or one gated like them), its dropped residual rows mean-filled when the residual
+        width is pruned and the fill is on (module docstring)."""
+        statistics = self.kept_channel_statistics()
+        if statistics is None or not statistics.fill:
+            return nn.functional.linear(input, linear.weight, linear.bias)
+        return nn.functional.linear(input, *statistics.filled(linear, self._residual_writers))
+
+    def _embeddings_output(self, module, args, output):
+        """The embeddings' output times `Masks.hidden`, then its dropped residual channels mean-filled (with the
+        fill on)."""
+        mask = self._mask("hidden", None, output.dtype)
+        output = output if mask is None else output * mask
+        statistics = self.kept_channel_statistics()
+        if statistics is not None and statistics.fill:
+            output = _MeanFill.apply(output, *statistics.fill_vectors)
+        return output
 
     def _folded_weights(self, masks: torch.Tensor) -> dict[int, tuple]:
         """(m * W, m * b) for every linear gated by the per-block masks `masks` (num_blocks, out): for all of them at
@@ -346,7 +472,8 @@ class GateHandle:
             return None
         if self._statistics is None:
             layernorms = [getattr(parent, name) for parent, name, _ in self._swapped]
-            self._statistics = KeptChannelStatistics(keep, layernorms)
+            fill = not (self._writer_dropout > 0 and self.model.training)
+            self._statistics = KeptChannelStatistics(keep, layernorms, fill=fill)
         return self._statistics
 
     def _mask(self, kind: str, index: int | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -403,6 +530,8 @@ class GateHandle:
         self._gated_linears.clear()
         self._slots.clear()
         self._extra_slots.clear()
+        self._residual_writers.clear()
+        self._extra_writers.clear()
         for parent, name, original in self._swapped:
             setattr(parent, name, original)
         self._swapped.clear()

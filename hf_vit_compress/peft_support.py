@@ -136,7 +136,9 @@ class LoRARecovery:
     The gates (gating.py) scale the output units of q/k/v/fc1 by folding the mask into that Linear's weight rows,
     and peft adds the LoRA update outside that Linear, so the update's B gets the same gate (`GateHandle.gate_like`):
     the layer computes m * (W x + b + s B A x), which is what the exported Linear with rows m * (W + s B A)
-    computes. Ungated, the adapters would write into pruned units and train a function that export cannot keep.
+    computes. Ungated, the adapters would write into pruned units and train a function that export cannot keep. The
+    update of o_proj / fc2 writes into the residual stream, so its B gets their mean-filled rows under a pruned
+    residual width (`GateHandle.writes_residual`).
 
     Args:
         model: the dense ViT/DeiT classifier with the gates installed.
@@ -175,7 +177,7 @@ class LoRARecovery:
         self._pre_hook = model.register_forward_pre_hook(self._follow_search)
         for layer in self.layers:
             base = layer.get_base_layer()
-            if gates.gates_output_of(base):
+            if gates.gates_output_of(base) or gates.writes_residual(base):
                 gates.gate_like(layer.lora_B[RECOVERY_ADAPTER], base)
         self.enabled = True  # peft injects enabled adapters
         self.finetuning = False

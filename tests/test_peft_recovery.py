@@ -181,6 +181,7 @@ def test_without_the_gate_on_the_update_the_dense_model_would_differ(lora_run):
     updates = [layer.lora_B["recovery"] for layer in trainer.lora_recovery.layers]
     gated_updates = [b for b in updates if trainer.gate_handle.gates_output_of(b)]
     assert len(gated_updates) == 2 * 4  # q, k, v, fc1 of both blocks
+    assert sum(trainer.gate_handle.writes_residual(b) for b in updates) == 2 * 2  # o_proj, fc2: mean-filled rows
     forwards = [b.__dict__.pop("forward") for b in gated_updates]  # back to nn.Linear.forward: ungated
     try:
         ungated = logits_of(model, pixel_values)

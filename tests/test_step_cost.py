@@ -10,14 +10,22 @@ import math
 
 import pytest
 import torch
-from conftest import NUM_LABELS, make_pixel_values, make_vit_classifier
+from conftest import NUM_LABELS, make_deit_classifier, make_pixel_values, make_vit_classifier
 from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback, TrainingArguments
 
 from hf_vit_compress.config import CompressionConfig
 from hf_vit_compress.device_logs import DeviceHistory, DeviceLogAccumulator
-from hf_vit_compress.gating import KeptChannelStatistics, Masks, _BlockMix, _KeptChannelLayerNorm, install_gates
+from hf_vit_compress.gating import (
+    KeptChannelStatistics,
+    Masks,
+    _BlockMix,
+    _KeptChannelLayerNorm,
+    _MeanFill,
+    _MeanFilledRows,
+    install_gates,
+)
 from hf_vit_compress.trainer import CompressionTrainer
 
 aten = torch.ops.aten
@@ -189,13 +197,16 @@ class _Provider:
         return self.masks
 
 
-def _forward_and_grads(model, masks_of_run):
-    """Logits and gradients (model weights and the mask leaves) of one forward/backward under the given masks."""
+def _forward_and_grads(model, masks_of_run, mean_fill: bool = True):
+    """Logits and gradients (model weights and the mask leaves) of one forward/backward under the given masks;
+    `mean_fill=False` makes every LayerNorm compute the kept channels' statistics itself (as under dropout)."""
     leaves, masks = masks_of_run()
     handle = install_gates(model, _Provider(masks))
+    if not mean_fill:
+        handle._writer_dropout = 0.5  # what an active dropout after o_proj / fc2 switches (the model has none)
     try:
         model.zero_grad()
-        logits = model(pixel_values=make_pixel_values(3, seed=4)).logits
+        logits = model(pixel_values=make_pixel_values(3, seed=4).to(next(model.parameters()).dtype)).logits
         (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
     finally:
         handle.remove()
@@ -246,3 +257,79 @@ def test_constant_masks_scale_outputs_as_weight_folding_would():
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
     assert F.mse_loss(logits, ref_logits).item() < 1e-10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pruned residual width: the mean fill = the kept-channel LayerNorms
+# ---------------------------------------------------------------------------------------------------------------
+KEEP_12 = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1, 0, 1, 0, 1], dtype=torch.float64)
+
+
+def _fill_vectors(keep: torch.Tensor, scale: float):
+    return scale * keep, scale * keep / keep.sum(), 1.0 - keep
+
+
+def test_mean_filled_rows_equal_the_formula_and_its_gradients():
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(12, 7, generator=generator, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    grad_out = [torch.randn(12, 7, generator=generator, dtype=torch.float64) for _ in range(3)]
+    keep, scale = KEEP_12, 1.7
+    mean_rows = [(w * keep[:, None]).sum(0) / keep.sum() for w in weights]
+    expected = [scale * torch.where(keep[:, None].bool(), w, mean) for w, mean in zip(weights, mean_rows)]
+    expected_grads = torch.autograd.grad(expected, weights, grad_out)
+    got = _MeanFilledRows.apply(*_fill_vectors(keep, scale), *weights)
+    got_grads = torch.autograd.grad(got, weights, grad_out)
+    for a, b in zip((*got, *got_grads), (*expected, *expected_grads)):
+        torch.testing.assert_close(a, b)
+
+
+def test_mean_fill_equals_the_formula_and_its_gradients():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 5, 12, generator=generator, dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 5, 12, generator=generator, dtype=torch.float64)
+    keep, scale = KEEP_12, 1.7
+    expected = scale * torch.where(keep.bool(), x, (x * keep).sum(-1, keepdim=True) / keep.sum())
+    (expected_grad,) = torch.autograd.grad(expected, x, grad_out)
+    got = _MeanFill.apply(x, *_fill_vectors(keep, scale))
+    (got_grad,) = torch.autograd.grad(got, x, grad_out)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_grad, expected_grad)
+
+
+@pytest.mark.parametrize("builder", [make_vit_classifier, make_deit_classifier], ids=["vit", "deit"])
+def test_mean_filled_residual_gives_the_kept_channel_layernorms_logits_and_gradients(builder):
+    """With residual channels dropped, the mean fill (plain LayerNorms) and the kept-channel LayerNorms compute the
+    same logits and the same gradients of every weight, the dropped rows' included (up to float32 rounding,
+    relative to each gradient's scale: the tiny DeiT's all-zero class tokens have no variance, so their gradients
+    are ~1e4)."""
+    model = builder(seed=7).train()
+    keep = (torch.rand(32, generator=torch.Generator().manual_seed(8)) > 0.4).float()
+    mlp = (torch.rand(2, 64, generator=torch.Generator().manual_seed(9)) > 0.3).float()
+
+    def masks():
+        return [], Masks(mlp=mlp, hidden_keep=keep)
+
+    logits, grads, _ = _forward_and_grads(model, masks)
+    ref_logits, ref_grads, _ = _forward_and_grads(model, masks, mean_fill=False)
+    torch.testing.assert_close(logits, ref_logits)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        scale = max(ref_grads[name].abs().max().item(), 1.0)  # (k_proj.bias: exactly 0 up to rounding)
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
+    assert 0 < keep.sum() < 32
+
+
+def test_mean_fill_is_off_while_a_dropout_after_o_proj_or_fc2_trains():
+    model = make_vit_classifier(seed=10, hidden_dropout_prob=0.1)
+    keep = torch.ones(32)
+    keep[::3] = 0
+    handle = install_gates(model, _Provider(Masks(hidden_keep=keep)))
+    try:
+        modes = {}
+        for training in (True, False):
+            model.train(training)
+            model(pixel_values=make_pixel_values(2))
+            modes[training] = handle.kept_channel_statistics().fill
+    finally:
+        handle.remove()
+    assert modes == {True: False, False: True}
