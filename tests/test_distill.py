@@ -66,3 +66,30 @@ def test_frozen_teacher_copy_is_frozen_and_refuses_gated_models():
     out = model(pixel_values=torch.randn(2, 3, 16, 16))
     logits, distillation = split_student_logits(out)
     assert distillation is None and logits.shape == (2, NUM_LABELS)
+
+
+@pytest.mark.parametrize("builder", ["vit", "deit"])
+def test_teacher_fuses_q_k_v_into_one_matmul_and_keeps_its_logits(builder):
+    from conftest import make_deit_classifier, make_pixel_values, make_vit_classifier
+
+    model = (make_vit_classifier if builder == "vit" else make_deit_classifier)(seed=3).eval()
+    teacher = frozen_teacher_copy(model)
+    pixels = make_pixel_values(3)
+    calls = []
+    hook = torch.nn.Linear.forward
+    try:  # count the matrix multiplies of q/k/v: one per block in the teacher, three in the model
+        torch.nn.Linear.forward = lambda self, x: calls.append(self) or hook(self, x)
+        with torch.no_grad():
+            expected = model(pixel_values=pixels).logits
+            model_calls, calls[:] = len(calls), []
+            got = teacher(pixel_values=pixels).logits
+    finally:
+        torch.nn.Linear.forward = hook
+    blocks = teacher.config.num_hidden_layers
+    torch.testing.assert_close(got, expected)
+    assert model_calls - len(calls) == 3 * blocks  # q_proj, k_proj and v_proj no longer run their own Linear
+    attention = next(m for m in teacher.modules() if hasattr(m, "fused_projections_weight"))
+    assert attention.fused_projections_weight.shape[0] == 3 * attention.q_proj.out_features
+    assert "fused_projections_weight" not in "".join(teacher.state_dict())  # not saved with the teacher
+    projections = attention.q_proj.forward.func.__self__
+    assert projections._input is None and projections._outputs == ()  # released after the forward
