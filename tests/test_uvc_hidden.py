@@ -177,6 +177,28 @@ def test_prox_shrinks_exactly_the_removed_channels_groups():
             assert torch.equal(model.get_parameter(name).detach(), tensor), name
 
 
+def test_prox_returns_the_residual_scores_rest_of_the_shrunk_weights():
+    """After a prox of every kind, the residual scores' part outside o_proj / fc2 (scaled from the previous one)
+    equals the one computed afresh from the shrunk weights, and so do the least-k sets the step goes on with."""
+    model = vit()
+    method = gated(model)
+    with torch.no_grad():
+        method.counts.copy_(torch.tensor([[1.0, 5.0, 2.0]] * method.geometry.num_layers))
+        method.hidden_count.fill_(3.0)
+        method.duals.fill_(0.4)
+        method.hidden_dual.fill_(0.5)
+    ceiled = method._ceiled_counts()
+    rest = method._prox(0.1, method._groups(ceiled))
+    fresh_scores, fresh_rest = method._hidden_group.scores(*[
+        torch.stack([getattr(block, name).weight for block in method.parts.blocks]).float().pow(2)
+        for name in ("o_proj", "fc2")])
+    torch.testing.assert_close(rest, fresh_rest)
+    reused = method._groups(ceiled, hidden_rest=rest).hidden
+    torch.testing.assert_close(reused.scores, fresh_scores)
+    assert torch.equal(reused.removed, method._groups(ceiled).hidden.removed)
+    assert method._groups(ceiled).hidden.removed.sum() == 3
+
+
 def channel_group_of(tensors: dict[str, torch.Tensor], name: str, channel: int, hidden: int) -> torch.Tensor:
     tensor = tensors[name]
     if name.endswith(("o_proj.weight", "fc2.weight", "projection.weight", "o_proj.bias", "fc2.bias",

@@ -231,17 +231,18 @@ class UVCMethod(UVCBudget, CompressionMethod):
         return weights + self._hidden_group.tensors() if self.prune_hidden else weights
 
     @torch.no_grad()
-    def _scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(head scores (L, H), dim scores (L, H, d), mlp scores (L, I), residual channel scores (D,) or None) of
-        every block: squared column norms of o_proj and fc2 (and squared norms of each residual channel's group,
-        `uvc_hidden`), float32, all blocks at once."""
+    def _scores(self, hidden_rest: torch.Tensor | None = None) -> tuple:
+        """(head scores (L, H), dim scores (L, H, d), mlp scores (L, I), residual channel scores (D,) or None, their
+        part outside o_proj / fc2 or None) of every block: squared column norms of o_proj and fc2 (and squared norms
+        of each residual channel's group, `uvc_hidden`; `hidden_rest` given: that part taken as is), float32, all
+        blocks at once."""
         geo = self.geometry
         blocks = self.parts.blocks
         o_proj = torch.stack([block.o_proj.weight for block in blocks]).float().pow(2)  # (L, D, H * d)
         fc2 = torch.stack([block.fc2.weight for block in blocks]).float().pow(2)  # (L, D, I)
         dim_scores = o_proj.sum(1).view(len(blocks), geo.num_heads, geo.head_dim)
-        hidden = self._hidden_group.scores(o_proj, fc2) if self.prune_hidden else None
-        return dim_scores.sum(-1), dim_scores, fc2.sum(1), hidden
+        hidden = self._hidden_group.scores(o_proj, fc2, hidden_rest) if self.prune_hidden else (None, None)
+        return dim_scores.sum(-1), dim_scores, fc2.sum(1), *hidden
 
     def _ceiled_counts(self) -> tuple[torch.Tensor, ...]:
         """ceil of the head (L, 1), value-dim (L, 1, 1) and MLP (L, 1) removal counts, shaped to broadcast along
@@ -250,12 +251,14 @@ class UVCMethod(UVCBudget, CompressionMethod):
         ceiled = (columns[HEADS], columns[VDIMS].unsqueeze(-1), columns[MLP])
         return (*ceiled, self.hidden_count.ceil().reshape(1)) if self.prune_hidden else ceiled
 
-    def _groups(self, ceiled: tuple | None = None, heads_only: bool = False) -> _Groups:
-        """The current least-k sets of every block (the counts' lowest-scored units, stable ties)."""
-        head_scores, dim_scores, mlp_scores, hidden_scores = self._scores()
+    def _groups(self, ceiled: tuple | None = None, heads_only: bool = False,
+                hidden_rest: torch.Tensor | None = None) -> _Groups:
+        """The current least-k sets of every block (the counts' lowest-scored units, stable ties); `hidden_rest`: see
+        `_scores`."""
+        head_scores, dim_scores, mlp_scores, hidden_scores, hidden_rest = self._scores(hidden_rest)
         ceiled = self._ceiled_counts() if ceiled is None else ceiled
         orders = [_order(scores) for scores in (head_scores, dim_scores, mlp_scores)]
-        hidden = None if hidden_scores is None else HiddenSets.of(hidden_scores, ceiled[3])
+        hidden = None if hidden_scores is None else HiddenSets.of(hidden_scores, ceiled[3], hidden_rest)
         groups = _Groups(head_scores, dim_scores, mlp_scores, None, None, None,
                          tuple(ascending for ascending, _ in orders), tuple(ranks for _, ranks in orders), hidden)
         return groups.at_counts(ceiled, heads_only)
@@ -321,9 +324,10 @@ class UVCMethod(UVCBudget, CompressionMethod):
         return [{"params": [self.theta], "lr": 0.0, "weight_decay": 0.0}]
 
     @torch.no_grad()
-    def _prox(self, learning_rate: float, groups: _Groups) -> None:
+    def _prox(self, learning_rate: float, groups: _Groups) -> torch.Tensor | None:
         """W_g <- W_g / (1 + 2 lr dual) for every group in the current least-k sets (input columns of o_proj for
-        heads and value dims, of fc2 for MLP units), every block at once."""
+        heads and value dims, of fc2 for MLP units; the residual channels' groups), every block at once. Returns
+        the residual channels' scores outside o_proj / fc2 after the shrink (None without `prune_hidden`)."""
         factors = torch.reciprocal(1.0 + 2.0 * learning_rate * self.duals)  # (L, 3)
         kinds = factors.view(*factors.shape, 1, 1).unbind(1)  # (L, 1, 1) each
         head_factor, vdim_factor, mlp_factor = kinds[HEADS], kinds[VDIMS], kinds[MLP]
@@ -335,9 +339,13 @@ class UVCMethod(UVCBudget, CompressionMethod):
             weights = [getattr(block, linears).weight for block in self.parts.blocks]
             rows = scale.unsqueeze(1).to(weights[0].dtype).unbind(0)  # (1, in) per block: scales input columns
             torch._foreach_mul_(weights, list(rows))  # one operation for all blocks
-        if self.prune_hidden:  # every tensor of the removed residual channels' groups
-            self._hidden_group.shrink(groups.hidden.removed, torch.reciprocal(1.0 + 2.0 * learning_rate *
-                                                                              self.hidden_dual))
+        if not self.prune_hidden:
+            return None
+        # every tensor of the removed residual channels' groups: their squared norms outside o_proj / fc2 (only
+        # these factors touch those tensors) scale by the squared factors
+        factors = self._hidden_group.shrink(groups.hidden.removed,
+                                            torch.reciprocal(1.0 + 2.0 * learning_rate * self.hidden_dual))
+        return groups.hidden.rest * factors.square()
 
     @staticmethod
     def _projected_sgd(values: torch.Tensor, grad: torch.Tensor, upper: torch.Tensor, lr: float,
@@ -377,9 +385,8 @@ class UVCMethod(UVCBudget, CompressionMethod):
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
             # 1. proximal shrink of the current least-k groups (then the sets of the shrunk weights)
             ceiled = self._ceiled_counts()
-            if settings.prox:
-                self._prox(float(learning_rate), self._groups(ceiled))
-            groups = self._groups(ceiled, heads_only=True)
+            hidden_rest = self._prox(float(learning_rate), self._groups(ceiled)) if settings.prox else None
+            groups = self._groups(ceiled, heads_only=True, hidden_rest=hidden_rest)
             slopes = [None] * 3
             slopes[HEADS], slopes[VDIMS], slopes[MLP] = groups.least_k_slopes(ceiled)
             # under budget_control="projection" the budget is the projection's (after theta's step), not z's; R and

@@ -93,15 +93,16 @@ class HiddenSets:
     ascending: torch.Tensor
     ranks: torch.Tensor
     removed: torch.Tensor
+    rest: torch.Tensor | None = None  # the scores' part outside o_proj and fc2 (`HiddenGroup.scores`)
 
     @classmethod
-    def of(cls, scores: torch.Tensor, ceiled: torch.Tensor) -> "HiddenSets":
+    def of(cls, scores: torch.Tensor, ceiled: torch.Tensor, rest: torch.Tensor | None = None) -> "HiddenSets":
         """The least-k set of the ceil(s_D) = `ceiled` (1,) lowest-scored channels (stable ties)."""
         ascending, ranks = _order(scores)
-        return cls(scores, ascending, ranks, _removed(ranks, ceiled))
+        return cls(scores, ascending, ranks, _removed(ranks, ceiled), rest)
 
     def at_count(self, ceiled: torch.Tensor) -> "HiddenSets":
-        return HiddenSets(self.scores, self.ascending, self.ranks, _removed(self.ranks, ceiled))
+        return HiddenSets(self.scores, self.ascending, self.ranks, _removed(self.ranks, ceiled), self.rest)
 
     def slope(self, ceiled: torch.Tensor) -> torch.Tensor:
         """d LS / d s_D: the (ceil(s_D) + 1)-th smallest channel score (0-dim)."""

@@ -44,26 +44,38 @@ class HiddenGroup:
                 *self.outputs, self.patch_weight]
 
     @torch.no_grad()
-    def scores(self, squared_o_proj: torch.Tensor, squared_fc2: torch.Tensor) -> torch.Tensor:
-        """Squared norm of every channel's group (D,), float32. `squared_o_proj` (L, D, H d) and `squared_fc2`
-        (L, D, I) are the squared o_proj / fc2 weights the other kinds' scores are summed from (shared)."""
+    def scores(self, squared_o_proj: torch.Tensor, squared_fc2: torch.Tensor,
+               rest: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared norm of every channel's group (D,), float32, and its part outside o_proj and fc2 (`rest`).
+        `squared_o_proj` (L, D, H d) and `squared_fc2` (L, D, I) are the squared o_proj / fc2 weights the other
+        kinds' scores are summed from (shared). `rest`, when given, is taken as is: after a prox that shrank only the
+        residual groups, it is the previous rest times the squared shrink factors (`shrink`), a few operations
+        instead of a pass over every tensor of the groups."""
+        if rest is None:
+            rest = self._rest_scores()
+        return rest + squared_o_proj.sum((0, 2)) + squared_fc2.sum((0, 2)), rest
+
+    def _rest_scores(self) -> torch.Tensor:
         size = self.size
 
         def column_sums(tensors: list[torch.Tensor]) -> torch.Tensor:  # same-shaped (..., D) tensors
             return torch.stack(tensors).float().pow(2).reshape(-1, size).sum(0)
 
-        total = column_sums(self.vectors) + column_sums(self.attention_inputs) + column_sums(self.mlp_inputs)
-        total = total + torch.cat([t.reshape(-1, size) for t in self.head_inputs + self.tokens]).float().pow(2).sum(0)
-        total = total + squared_o_proj.sum((0, 2)) + squared_fc2.sum((0, 2))
-        return total + self.patch_weight.float().pow(2).reshape(size, -1).sum(1)
+        rest = column_sums(self.vectors) + column_sums(self.attention_inputs) + column_sums(self.mlp_inputs)
+        rest = rest + torch.cat([t.reshape(-1, size) for t in self.head_inputs + self.tokens]).float().pow(2).sum(0)
+        return rest + self.patch_weight.float().pow(2).reshape(size, -1).sum(1)
 
     @torch.no_grad()
-    def shrink(self, removed: torch.Tensor, factor: torch.Tensor) -> None:
-        """W_g <- W_g * factor for the groups of the `removed` channels (D,) bool, every tensor in one operation."""
+    def shrink(self, removed: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """W_g <- W_g * factor for the groups of the `removed` channels (D,) bool, every tensor in one operation.
+        Returns the per-channel factors (D,), float32 (the scores' rest outside o_proj / fc2 scales by their
+        square)."""
         dtype = self.patch_weight.dtype
-        scale = torch.where(removed, factor, factor.new_ones(())).to(dtype)  # (D,)
+        factors = torch.where(removed, factor, factor.new_ones(()))  # (D,)
+        scale = factors.to(dtype)
         rows = scale.unsqueeze(-1)  # (D, 1): output rows of o_proj / fc2
         last = [*self.vectors, *self.attention_inputs, *self.mlp_inputs, *self.head_inputs, *self.tokens]
         tensors = last + self.outputs + [self.patch_weight]
         scales = [scale] * len(last) + [rows] * len(self.outputs) + [rows.view(-1, 1, 1, 1)]
         torch._foreach_mul_(tensors, scales)
+        return factors
