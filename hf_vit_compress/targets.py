@@ -36,6 +36,7 @@ class BlockParts:
     fc2: nn.Linear
     layernorm_before: nn.LayerNorm
     layernorm_after: nn.LayerNorm
+    activation: nn.Module  # the MLP's activation, between fc1 and fc2
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ def model_parts(model: nn.Module) -> ModelParts:
             fc2=layer.mlp.fc2,
             layernorm_before=layer.layernorm_before,
             layernorm_after=layer.layernorm_after,
+            activation=layer.mlp.activation_fn,
         )
         for layer in backbone.layers
     )
