@@ -20,11 +20,11 @@ Protocol (identical for every method; see benchmarks/README.md):
      `short` (cpu, quick and full modes) the benchmark's short-search constants (UVC: the demo's count step; OFB
      has none since its defaults follow the search length). `--ofb-budget-control`, `--ofb-arch-lr`,
      `--ofb-arch-travel`, `--ofb-flops-weight`, `--ofb-elimination-rounds`, `--uvc-counts-lr`,
-     `--uvc-counts-space`, `--uvc-channel-multiple`, `--uvc-prune-hidden`, `--uvc-budget-control`,
-     `--uvc-budget-dual-update` override either; every run records its full method config. Their accuracy right
-     after the search (final architecture, no fine-tuning yet) is recorded as "before fine-tuning", and their
-     logged scalars (expected MACs ratio, OFB's active candidates per module, UVC's hard ratio, ...) about every 1%
-     of the search as `search_trace` (plot: <name>_search.png).
+     `--uvc-counts-space`, `--uvc-channel-multiple`, `--uvc-prune-hidden`, `--uvc-shared-head-dims`,
+     `--uvc-budget-control`, `--uvc-budget-dual-update` override either; every run records its full method
+     config. Their accuracy right after the search (final architecture, no fine-tuning yet) is recorded as "before
+     fine-tuning", and their logged scalars (expected MACs ratio, OFB's active candidates per module, UVC's hard
+     ratio, ...) about every 1% of the search as `search_trace` (plot: <name>_search.png).
    * tp-magnitude / tp-taylor: Torch-Pruning's MetaPruner (uniform ratio, head dims + residual width, classifier
      kept) pruned once at step 0 to just within the budget (Taylor importance from the loss gradients of 8 training
      batches, no weight update), then plain fine-tuning for all the steps.
@@ -135,6 +135,9 @@ def parse_args(argv=None):
                         help="UVC: round final widths to multiples of this (default: the library's, 8)")
     parser.add_argument("--uvc-prune-hidden", choices=("on", "off"), default=None,
                         help="UVC: search the residual width too (UVCConfig.prune_hidden; default: the library's)")
+    parser.add_argument("--uvc-shared-head-dims", choices=("on", "off"), default=None,
+                        help="UVC: head-dim counts remove q/k dims with the value dims (UVCConfig.shared_head_dims; "
+                             "default: the library's)")
     parser.add_argument("--uvc-budget-control", choices=("dual", "projection"), default=None,
                         help="UVC: how the counts meet the budget (UVCConfig.budget_control; 'dual' is the paper's; "
                              "default: the library's)")
@@ -353,6 +356,7 @@ def search_overrides(args, method: str, train_size: int) -> dict:
              "uvc.counts_lr": args.uvc_counts_lr, "uvc.counts_space": args.uvc_counts_space,
              "uvc.channel_multiple": args.uvc_channel_multiple,
              "uvc.prune_hidden": None if args.uvc_prune_hidden is None else args.uvc_prune_hidden == "on",
+             "uvc.shared_head_dims": None if args.uvc_shared_head_dims is None else args.uvc_shared_head_dims == "on",
              "uvc.budget_control": args.uvc_budget_control, "uvc.budget_dual_update": args.uvc_budget_dual_update}
     overrides.update({key: value for key, value in flags.items() if value is not None})
     if args.ofb_elimination_rounds and overrides.get("ofb.budget_control") != "paper":

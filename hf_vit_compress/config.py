@@ -252,6 +252,10 @@ class UVCConfig(_Validated):
             searching a fifth), though the search kept the full residual width there; False restores the paper's
             search space and a cheaper search step (1.50x a plain step's operators instead of 1.69x on DeiT-S,
             benchmarks/results/dispatch.md).
+        shared_head_dims: the head-dim count removes each dim from the queries and keys as well as from the values
+            (beyond the paper's space, which prunes value dims only and keeps every q/k dim of a kept head): a dim's
+            group is then its o_proj column and its q_proj and k_proj rows, scored, shrunk and priced together, and
+            the exported q/k and value head dims are equal (which flash attention needs).
         theta_lr, theta_momentum: SGD settings of the skip-gate logits.
         theta_budget_weight: weight of z * dR/dtheta in theta's gradient.
         dual_lr: ascent step of the group duals y and p.
@@ -284,6 +288,7 @@ class UVCConfig(_Validated):
     theta_momentum: float = 0.9
     theta_budget_weight: float = 5e-4
     prune_hidden: bool = True
+    shared_head_dims: bool = False
     dual_lr: float = 1e-4
     budget_control: str = "dual"
     budget_dual_update: str = "log"

@@ -240,9 +240,21 @@ class UVCMethod(UVCBudget, CompressionMethod):
         blocks = self.parts.blocks
         o_proj = torch.stack([block.o_proj.weight for block in blocks]).float().pow(2)  # (L, D, H * d)
         fc2 = torch.stack([block.fc2.weight for block in blocks]).float().pow(2)  # (L, D, I)
-        dim_scores = o_proj.sum(1).view(len(blocks), geo.num_heads, geo.head_dim)
+        dim_scores = o_proj.sum(1)
+        if self.config.uvc.shared_head_dims:  # a dim's group also holds its q and k rows (and biases)
+            dim_scores = dim_scores + self._query_key_rows().float().pow(2).sum((1, 3))
+        dim_scores = dim_scores.view(len(blocks), geo.num_heads, geo.head_dim)
         hidden = self._hidden_group.scores(o_proj, fc2, hidden_rest) if self.prune_hidden else (None, None)
         return dim_scores.sum(-1), dim_scores, fc2.sum(1), *hidden
+
+    def _query_key_rows(self) -> torch.Tensor:
+        """(L, 2, H * d, D [+ 1]): every block's q_proj and k_proj weights, their biases as a last column when they
+        have them (`shared_head_dims`: the rows of a dim's group)."""
+        projections = [linear for block in self.parts.blocks for linear in (block.q_proj, block.k_proj)]
+        rows = torch.stack([linear.weight for linear in projections])
+        if projections[0].bias is not None:
+            rows = torch.cat([rows, torch.stack([linear.bias for linear in projections]).unsqueeze(-1)], -1)
+        return rows.view(len(self.parts.blocks), 2, *rows.shape[1:])
 
     def _ceiled_counts(self) -> tuple[torch.Tensor, ...]:
         """ceil of the head (L, 1), value-dim (L, 1, 1) and MLP (L, 1) removal counts, shaped to broadcast along
@@ -302,8 +314,10 @@ class UVCMethod(UVCBudget, CompressionMethod):
             # residual channels: every LayerNorm normalises the kept ones only and outputs 0 on the others, so a
             # dropped channel reaches no q/k/v/fc1 and no classifier (`uvc_hidden`)
             hidden_keep = (~groups.hidden.removed).float() if self.prune_hidden else None
+            values = ((~groups.dims_removed).float() * kept_heads.unsqueeze(-1)).flatten(-2)  # (L, H * d)
             return Masks(
-                v=((~groups.dims_removed).float() * kept_heads.unsqueeze(-1)).flatten(-2),  # (L, H * d)
+                qk=values if self.config.uvc.shared_head_dims else [],  # the same dims (one fold for q, k and v)
+                v=values,
                 mlp=(~groups.mlp_removed).float(),
                 hidden_keep=hidden_keep,
                 block_gates=gates,
@@ -339,12 +353,24 @@ class UVCMethod(UVCBudget, CompressionMethod):
             weights = [getattr(block, linears).weight for block in self.parts.blocks]
             rows = scale.unsqueeze(1).to(weights[0].dtype).unbind(0)  # (1, in) per block: scales input columns
             torch._foreach_mul_(weights, list(rows))  # one operation for all blocks
+        if self.config.uvc.shared_head_dims:  # the same factors on the q/k rows (and biases) of those groups
+            projections = [linear for block in self.parts.blocks for linear in (block.q_proj, block.k_proj)]
+            factors = columns.flatten(1).to(projections[0].weight.dtype)
+            per_linear = [factors[index // 2] for index in range(len(projections))]  # (H * d,) per Linear
+            tensors = [linear.weight for linear in projections]
+            scales = [factor.unsqueeze(-1) for factor in per_linear]
+            if projections[0].bias is not None:
+                tensors += [linear.bias for linear in projections]
+                scales += per_linear
+            torch._foreach_mul_(tensors, scales)
         if not self.prune_hidden:
             return None
         # every tensor of the removed residual channels' groups: their squared norms outside o_proj / fc2 (only
         # these factors touch those tensors) scale by the squared factors
         factors = self._hidden_group.shrink(groups.hidden.removed,
                                             torch.reciprocal(1.0 + 2.0 * learning_rate * self.hidden_dual))
+        if self.config.uvc.shared_head_dims:  # the q/k rows shrunk above are in the rest too: computed afresh
+            return None
         return groups.hidden.rest * factors.square()
 
     @staticmethod
@@ -466,6 +492,8 @@ class UVCMethod(UVCBudget, CompressionMethod):
                 keep_blocks[int(torch.argmax(self.theta[:, 1] - self.theta[:, 0]))] = True
             groups = self._groups()
             layers = [ProjectionLayer.from_groups(groups.layer(i), keep) for i, keep in enumerate(keep_blocks)]
+            for layer in layers:
+                layer.shared_head_dims = self.config.uvc.shared_head_dims
             hidden = None
             if self.prune_hidden:
                 hidden = ProjectionHidden.from_sets(groups.hidden.scores, groups.hidden.removed)
@@ -515,10 +543,12 @@ class UVCMethod(UVCBudget, CompressionMethod):
                 continue
             heads = self.final_heads[index].nonzero().flatten().tolist()
             vdims = self.final_vdims[index].view(geo.num_heads, geo.head_dim)
+            v_channels = [vdims[h].nonzero().flatten().tolist() for h in heads]
             layers.append(LayerArchitecture(
                 heads=heads,
-                qk_channels=[list(range(geo.head_dim)) for _ in heads],
-                v_channels=[vdims[h].nonzero().flatten().tolist() for h in heads],
+                qk_channels=v_channels if self.config.uvc.shared_head_dims else [list(range(geo.head_dim))
+                                                                                  for _ in heads],
+                v_channels=v_channels,
                 mlp_neurons=self.final_mlp[index].nonzero().flatten().tolist(),
             ))
         hidden = self.final_hidden.nonzero().flatten().tolist() if self.prune_hidden else range(geo.hidden_size)

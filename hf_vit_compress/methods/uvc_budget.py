@@ -145,11 +145,12 @@ class UVCBudget:
 
     def _block_costs(self, heads_kept, vdim_kept, mlp_kept, hidden_kept,
                      unit_macs: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per block `block_macs` at qk = heads * d, v = heads * v_dim, the MLP width and the residual width
-        (tensors), and the MACs of one head of that block (per_qk * d + per_v * v_dim); `unit_macs`:
-        `_unit_macs(hidden_kept)` when the caller has it."""
+        """Per block `block_macs` at qk = heads * d (heads * v_dim with `shared_head_dims`), v = heads * v_dim, the
+        MLP width and the residual width (tensors), and the MACs of one head of that block (per_qk * d, or
+        per_qk * v_dim, + per_v * v_dim); `unit_macs`: `_unit_macs(hidden_kept)` when the caller has it."""
         per_qk, per_v, per_mlp = self._unit_macs(hidden_kept) if unit_macs is None else unit_macs
-        per_head = per_v * vdim_kept + per_qk * self.geometry.head_dim
+        qk_dim = vdim_kept if self.config.uvc.shared_head_dims else self.geometry.head_dim
+        per_head = per_v * vdim_kept + per_qk * qk_dim
         return torch.addcmul(per_mlp * mlp_kept, heads_kept, per_head), per_head
 
     def _ratio(self, costs: torch.Tensor, run: torch.Tensor, hidden_kept) -> torch.Tensor:
@@ -187,12 +188,14 @@ class UVCBudget:
         minus_weight = run * (-1.0 / dense)  # dR/dcost_l = run_l / dense; removing units lowers the cost
         grads = [None] * 3
         grads[HEADS] = minus_weight * per_head
-        grads[VDIMS] = minus_weight * (per_v * heads_kept)
+        shared = self.config.uvc.shared_head_dims  # a dim then costs its q and k channels too
+        grads[VDIMS] = minus_weight * ((per_v + per_qk if shared else per_v) * heads_kept)
         grads[MLP] = minus_weight * per_mlp
         d_hidden = None
         if self.prune_hidden:  # d cost_l / dD = per-channel MACs of its widths; the stem and heads are linear in D
             (_, qk_channel), (_, v_channel), (_, mlp_channel) = self._width_macs
-            per_residual_channel = heads_kept * (qk_channel * self.geometry.head_dim + v_channel * vdim_kept)
+            qk_dim = vdim_kept if shared else self.geometry.head_dim
+            per_residual_channel = heads_kept * (qk_channel * qk_dim + v_channel * vdim_kept)
             per_residual_channel = per_residual_channel + mlp_channel * mlp_kept
             stem = stem_and_head_macs(self.geometry, 1)
             d_hidden = torch.add(torch.dot(minus_weight, per_residual_channel), -stem / dense)

@@ -96,6 +96,7 @@ class ProjectionLayer:
         # heads not kept -> all their (score, channel) value dims, descending (what a head added back chooses from)
         self.heads_out = {head: sorted(dims, key=_descending) for head, dims in (heads_out or {}).items()}
         self.hidden: ProjectionHidden | None = None  # the residual channels, when they are searched (shared)
+        self.shared_head_dims = False  # the value dims kept are also the q/k dims kept (`UVCConfig`)
 
     @classmethod
     def from_groups(cls, groups: _Groups, keep: bool) -> "ProjectionLayer":
@@ -130,7 +131,8 @@ class ProjectionLayer:
         mlp = len(self.mlp) if mlp is None else mlp
         if hidden is None:
             hidden = self.hidden.width if self.hidden is not None else geo.hidden_size
-        return int(block_macs(geo.tokens, hidden, heads * geo.head_dim, heads * v_dim, mlp))
+        qk_dim = v_dim if self.shared_head_dims else geo.head_dim
+        return int(block_macs(geo.tokens, hidden, heads * qk_dim, heads * v_dim, mlp))
 
     def _weakest_head(self) -> int:
         return min(self.heads, key=lambda head: (self.head_sums[head], head))
@@ -263,10 +265,11 @@ class ProjectionLayer:
         if not self.keep:
             return LayerArchitecture([], [], [], [], keep_block=False)
         heads = sorted(self.heads)
+        v_channels = [sorted(c for _, c in self.heads[h]) for h in heads]
         return LayerArchitecture(
             heads=heads,
-            qk_channels=[list(range(head_dim)) for _ in heads],
-            v_channels=[sorted(c for _, c in self.heads[h]) for h in heads],
+            qk_channels=v_channels if self.shared_head_dims else [list(range(head_dim)) for _ in heads],
+            v_channels=v_channels,
             mlp_neurons=sorted(j for _, j in self.mlp),
         )
 
