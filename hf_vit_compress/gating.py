@@ -22,7 +22,7 @@ rewritten so, all of them in a few batched operations; `_MeanFilledRows`). A pla
 then sees mean a * mu and variance a^2 (K / D) var = var of the kept channels, the same eps included; its weight
 times keep / a and its bias times keep give the kept-channel LayerNorm exactly, and 0 on dropped channels. Where a
 dropout after o_proj / fc2 is active (it would break the fill), each LayerNorm computes the kept channels'
-statistics itself instead (`_KeptChannelLayerNorm`).
+statistics itself instead (`_KeptChannelLayerNorm`), and so it does with fewer than `MIN_FILL_CHANNELS` kept.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ class Masks:
         hidden: `(hidden_size,)` multiplier of the embeddings' output (patches, prefix tokens and positions).
         hidden_keep: `(hidden_size,)` 0/1 indicator of the channels every LayerNorm normalises over; the others
             leave a LayerNorm as 0.
+        hidden_min_kept: a lower bound, known on the host, of the channels `hidden_keep` keeps (0: unknown). The
+            mean fill (module docstring) is used from `MIN_FILL_CHANNELS` on: with a single kept channel (no
+            variance) the fill's rounding would be all a LayerNorm sees.
         block_gates: per block, `(skip_weight, run_weight)`: output = run * block(x) + skip * x; a skip weight of
             None means 1 - run (output = x + run * (block(x) - x), one multiply-add).
     """
@@ -60,7 +63,14 @@ class Masks:
     mlp: list[torch.Tensor | None] | torch.Tensor = field(default_factory=list)
     hidden: torch.Tensor | None = None
     hidden_keep: torch.Tensor | None = None
+    hidden_min_kept: int = 0
     block_gates: list[tuple[torch.Tensor | float | None, torch.Tensor | float] | None] = field(default_factory=list)
+
+
+#: the fewest kept residual channels with which the mean fill is used (fewer: kept-channel LayerNorms). The fill's
+#: dropped channels hold the kept mean up to rounding, which adds (D - K) (rounding)^2 to a LayerNorm's variance:
+#: nothing next to the kept channels' own variance, unless there is none (K = 1) or hardly any
+MIN_FILL_CHANNELS = 8
 
 
 class MaskProvider(Protocol):
@@ -260,10 +270,12 @@ class MaskedLayerNorm(nn.Module):
             if weight.dtype != dtype and not torch.is_autocast_enabled(hidden_states.device.type):
                 weight, bias = weight.to(dtype), bias.to(dtype)  # (autocast runs LayerNorms in float32 itself)
             return nn.functional.layer_norm(hidden_states, self.normalized_shape, weight, bias, self.eps)
-        # Statistics in float32 (as nn.LayerNorm does under autocast).
-        x = hidden_states if hidden_states.dtype == torch.float32 else hidden_states.float()
-        out = _KeptChannelLayerNorm.apply(x, statistics.keep_over_count, statistics.scaled_keep, weight, bias,
-                                          self.eps)
+        # Statistics in float32 (as nn.LayerNorm does under autocast), in float64 for a float64 model.
+        dtype = torch.float64 if hidden_states.dtype == torch.float64 else torch.float32
+        x = hidden_states.to(dtype)
+        vectors = [None if v is None else v.to(dtype) for v in (statistics.keep_over_count, statistics.scaled_keep,
+                                                                   weight, bias)]
+        out = _KeptChannelLayerNorm.apply(x, *vectors, self.eps)
         return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
 
 
@@ -472,7 +484,8 @@ class GateHandle:
             return None
         if self._statistics is None:
             layernorms = [getattr(parent, name) for parent, name, _ in self._swapped]
-            fill = not (self._writer_dropout > 0 and self.model.training)
+            fill = self.current.hidden_min_kept >= MIN_FILL_CHANNELS and not (
+                self._writer_dropout > 0 and self.model.training)
             self._statistics = KeptChannelStatistics(keep, layernorms, fill=fill)
         return self._statistics
 
@@ -584,6 +597,7 @@ def architecture_masks(architecture: Architecture, parts: ModelParts, device=Non
     masks.hidden = _unit_mask(config.hidden_size, architecture.hidden_channels, architecture.hidden_scale, device)
     if len(architecture.hidden_channels) < config.hidden_size:
         masks.hidden_keep = _unit_mask(config.hidden_size, architecture.hidden_channels, None, device)
+        masks.hidden_min_kept = len(architecture.hidden_channels)
     return masks
 
 

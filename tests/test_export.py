@@ -6,6 +6,7 @@ cases, validation errors, hook removal and `save_atomically`.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import os
@@ -72,6 +73,11 @@ def logits_of(model, inputs=None) -> torch.Tensor:
 def gated_logits(model, architecture: Architecture) -> torch.Tensor:
     with apply_architecture(model, architecture):
         return logits_of(model)
+
+
+def _gated_logits_of(model, architecture: Architecture, inputs: torch.Tensor) -> torch.Tensor:
+    with apply_architecture(model, architecture):
+        return logits_of(model, inputs)
 
 
 def count_params(model) -> int:
@@ -181,7 +187,16 @@ def check_export_invariant(kind: str, architecture: Architecture) -> CompressedV
     actual = logits_of(compressed)
 
     assert actual.dtype == torch.float32
-    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=1e-5)
+    # the same in float64: a LayerNorm over one or two kept channels of nearly equal values is ill-conditioned, so
+    # float32 rounding alone can part the two computations there; in float64 they agree whatever the architecture
+    # (up to the masks' float32 scale factors, ~1e-7 relative)
+    # (float32 weights are exact in float64, so the export, which builds a float32 model, loses nothing)
+    dense64 = copy.deepcopy(dense).double()
+    pixels = pixel_values().double()
+    torch.testing.assert_close(logits_of(export_compressed_model(dense64, architecture).double(), pixels),
+                               _gated_logits_of(dense64, architecture, pixels), atol=1e-6, rtol=1e-6)
+    if len(architecture.hidden_channels) > 2:  # well-conditioned enough for float32
+        torch.testing.assert_close(actual, expected, atol=ATOL, rtol=1e-5)
 
     config = compressed.config
     kept = architecture.kept_layers

@@ -307,7 +307,7 @@ def test_mean_filled_residual_gives_the_kept_channel_layernorms_logits_and_gradi
     mlp = (torch.rand(2, 64, generator=torch.Generator().manual_seed(9)) > 0.3).float()
 
     def masks():
-        return [], Masks(mlp=mlp, hidden_keep=keep)
+        return [], Masks(mlp=mlp, hidden_keep=keep, hidden_min_kept=int(keep.sum()))
 
     logits, grads, _ = _forward_and_grads(model, masks)
     ref_logits, ref_grads, _ = _forward_and_grads(model, masks, mean_fill=False)
@@ -323,7 +323,7 @@ def test_mean_fill_is_off_while_a_dropout_after_o_proj_or_fc2_trains():
     model = make_vit_classifier(seed=10, hidden_dropout_prob=0.1)
     keep = torch.ones(32)
     keep[::3] = 0
-    handle = install_gates(model, _Provider(Masks(hidden_keep=keep)))
+    handle = install_gates(model, _Provider(Masks(hidden_keep=keep, hidden_min_kept=int(keep.sum()))))
     try:
         modes = {}
         for training in (True, False):
@@ -333,3 +333,30 @@ def test_mean_fill_is_off_while_a_dropout_after_o_proj_or_fc2_trains():
     finally:
         handle.remove()
     assert modes == {True: False, False: True}
+
+
+@pytest.mark.parametrize("kept", [1, 7, 8])
+def test_mean_fill_needs_enough_kept_channels_and_both_paths_match_the_export(kept):
+    """Under `MIN_FILL_CHANNELS` kept residual channels the LayerNorms compute the kept channels' statistics (one
+    kept channel has no variance: the fill's rounding would be all they see); either way the gated model computes
+    what the exported model computes."""
+    from hf_vit_compress.architecture import Architecture, LayerArchitecture
+    from hf_vit_compress.export import export_compressed_model
+    from hf_vit_compress.gating import MIN_FILL_CHANNELS, apply_architecture
+
+    model = make_vit_classifier(seed=11).eval()
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    layer = LayerArchitecture(list(range(config.num_attention_heads)),
+                              [list(range(head_dim))] * config.num_attention_heads,
+                              [list(range(head_dim))] * config.num_attention_heads,
+                              list(range(config.intermediate_size)))
+    architecture = Architecture(layers=[layer] * config.num_hidden_layers,
+                                hidden_channels=list(range(3, 3 + kept)))
+    pixels = make_pixel_values(2)
+    with torch.no_grad(), apply_architecture(model, architecture) as handle:
+        gated = model(pixel_values=pixels).logits
+        fill = handle.kept_channel_statistics().fill
+        exported = export_compressed_model(model, architecture)(pixel_values=pixels).logits
+    assert fill == (kept >= MIN_FILL_CHANNELS)
+    torch.testing.assert_close(exported, gated, rtol=0, atol=1e-5)

@@ -32,9 +32,11 @@ def tiny_vit(layers: int = 3, seed: int = 0) -> ViTForImageClassification:
 
 
 def uvc_config(target: float = 0.5, **uvc) -> CompressionConfig:
-    """The paper's search space (`prune_hidden=False`) unless `prune_hidden` is given: this file pins the paper's
-    formulas; the default (the residual width searched too) runs end to end below and in tests/test_uvc_hidden.py."""
+    """The paper's search space (`prune_hidden=False`, `shared_head_dims=False`) unless given: this file pins the
+    paper's formulas; the defaults (the residual width searched too, q/k dims pruned with the value dims) run end to
+    end below and in tests/test_uvc_hidden.py, tests/test_uvc_shared_dims.py."""
     uvc.setdefault("prune_hidden", False)
+    uvc.setdefault("shared_head_dims", False)
     return CompressionConfig(method="uvc", target_flops=target, uvc=uvc)
 
 

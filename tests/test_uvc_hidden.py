@@ -32,7 +32,10 @@ def vit(hidden: int = 32, layers: int = 3, seed: int = 0) -> ViTForImageClassifi
 
 
 def gated(model, target: float = 0.5, **uvc) -> UVCMethod:
-    method = UVCMethod(model, CompressionConfig(method="uvc", target_flops=target, uvc={"prune_hidden": True, **uvc}))
+    """The residual width searched, value dims only (`shared_head_dims=False`) unless given: the residual terms are
+    written out by hand for the paper's head dims here (tests/test_uvc_shared_dims.py: the shared ones)."""
+    uvc = {"prune_hidden": True, "shared_head_dims": False, **uvc}
+    method = UVCMethod(model, CompressionConfig(method="uvc", target_flops=target, uvc=uvc))
     install_gates(model, method)
     model.add_module("compression", method)
     return method

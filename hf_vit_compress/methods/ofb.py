@@ -74,6 +74,8 @@ class OFBMethod(CompressionMethod):
             (geo.hidden_size,), embed_choices(geo.hidden_size, settings), settings.score_init_std,
             settings.norm_coefficient_other, settings.sigma_eps,
         )
+        # host copy of the narrowest embedding candidate: the masks keep at least this many channels (mean fill)
+        self._min_embed_width = min(embed_choices(geo.hidden_size, settings))
         self.pmim = PMIM(self.parts, settings.pmim_window) if settings.pmim else None
         self.lam = settings.lambda_start
         self.progress = 0.0
@@ -231,6 +233,7 @@ class OFBMethod(CompressionMethod):
                       hidden=self.embed.mask(lam, *terms["embed"][1:]))
         if not self.embed.keeps_every_unit():  # a host-side answer: no device read per step
             masks.hidden_keep = (embed_sparsity.detach() > 0).float()
+            masks.hidden_min_kept = self._min_embed_width
         return masks
 
     def compute_masks(self) -> Masks:

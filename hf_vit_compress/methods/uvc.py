@@ -143,6 +143,7 @@ class UVCMethod(UVCBudget, CompressionMethod):
         if self.prune_hidden:
             hidden_floor = unit_floors(geo, settings.channel_multiple)["hidden"]
             self.register_buffer("hidden_count", torch.zeros(()))
+            self._hidden_min_kept = hidden_floor  # host copy: the masks keep at least this many (mean fill)
             self.register_buffer("hidden_count_max", torch.tensor(float(geo.hidden_size - hidden_floor)),
                                  persistent=False)
             self.register_buffer("hidden_dual", torch.tensor(float(settings.dual_init)))
@@ -320,6 +321,7 @@ class UVCMethod(UVCBudget, CompressionMethod):
                 v=values,
                 mlp=(~groups.mlp_removed).float(),
                 hidden_keep=hidden_keep,
+                hidden_min_kept=self._hidden_min_kept if self.prune_hidden else 0,
                 block_gates=gates,
             )
 
