@@ -10,13 +10,13 @@ Method:
 * One `transformers.Trainer` run per (model, kind): plain (`Trainer` on the dense model), ofb / uvc
   (`CompressionTrainer` searching), ofb-late (OFB with its widest embedding candidate already eliminated, as later in
   a search: every LayerNorm then normalises the kept channels only), uvc (UVC in the paper's search space,
-  `prune_hidden=False`), uvc-hidden (UVC with `prune_hidden`, the library's default: its LayerNorms normalise the kept
-  residual channels only), uvc-projection (paper space, `budget_control="projection"`), ofb-finetune / uvc-finetune
-  (the steps after the search: fixed architecture, OFB's learnable scales). Same model, batch, AdamW (the Trainer's
-  default, fused: one op on CPU and CUDA alike; gradient clipping uses foreach kernels on both), synthetic in-memory
-  data, `logging_steps`. The run is configured for a `--search-steps`-step search (default 4000, so the search history
-  is recorded every 20 steps as in a long search) and stopped after `--steps` steps. Op counts do not depend on the
-  batch size, so a small batch (2) is used.
+  `prune_hidden=False`, `shared_head_dims=False`), uvc-default (the library's defaults: the residual width searched,
+  q/k dims pruned with the value dims), uvc-projection (paper space, `budget_control="projection"`), ofb-finetune /
+  uvc-finetune (the steps after the search: fixed architecture, OFB's learnable scales). Same model, batch, AdamW
+  (the Trainer's default, fused: one op on CPU and CUDA alike; gradient clipping uses foreach kernels on both),
+  synthetic in-memory data, `logging_steps`. The run is configured for a `--search-steps`-step search (default
+  4000, so the search history is recorded every 20 steps as in a long search) and stopped after `--steps` steps. Op
+  counts do not depend on the batch size, so a small batch (2) is used.
 * Every aten operator that reaches the dispatcher's Python key is counted by a
   `torch.utils._python_dispatch.TorchDispatchMode` (forward, backward, optimizer, the method's updates, the
   Trainer's own bookkeeping), and attributed to the optimizer step in progress: a step runs from its `on_step_begin`
@@ -67,7 +67,7 @@ import _common as C  # noqa: E402
 
 aten = torch.ops.aten
 MODELS = ("deit-small", "demo-tiny")
-KINDS = ("plain", "ofb", "ofb-late", "uvc", "uvc-hidden", "uvc-projection", "ofb-finetune", "uvc-finetune")
+KINDS = ("plain", "ofb", "ofb-late", "uvc", "uvc-default", "uvc-projection", "ofb-finetune", "uvc-finetune")
 PACKAGE_DIR = os.sep + "hf_vit_compress" + os.sep
 TORCH_DIR = os.path.dirname(torch.__file__)
 THIS_FILE = os.path.abspath(__file__)
@@ -332,7 +332,9 @@ def build_trainer(args, model, kind: str, output_dir: str, callbacks: list):
     config = CompressionConfig(method=method, target_flops=args.target_flops,
                                search_fraction=1 / args.search_steps if finetune else 1.0,
                                uvc={"skip_warmup_fraction": args.uvc_warmup / args.search_steps,
-                                    "prune_hidden": kind == "uvc-hidden",
+                                    # the paper's space but for uvc-default (uvc-finetune: the library's defaults)
+                                    **({"prune_hidden": False, "shared_head_dims": False}
+                                       if kind in ("uvc", "uvc-projection") else {}),
                                     **({"budget_control": "projection"} if kind == "uvc-projection" else {})},
                                # OFB eliminates only after its warm-up: the excluded first steps here, then every
                                # --eliminations-every steps
@@ -379,7 +381,7 @@ def run_one(args, model_name: str, kind: str) -> dict:
                     if step + 1 >= method.total_search_steps:
                         counter.current["flags"].add("search end")
                     # this step's phase (the method sets its own progress after this)
-                    if kind in ("uvc", "uvc-hidden", "uvc-projection"):
+                    if kind in ("uvc", "uvc-default", "uvc-projection"):
                         counter.current["phase"] = "skip warm-up" if step < method.warmup_steps else "gumbel gates"
             finally:
                 counter.paused -= 1

@@ -156,3 +156,18 @@ def test_the_next_forward_reuses_the_step_s_least_k_sets_only_while_nothing_chan
         method.parts.blocks[0].fc2.weight.mul_(torch.rand(32, 64))  # weights changed: recomputed
     assert method._current_groups() is not method._step_groups[1]
     assert torch.equal(method._current_groups().mlp_removed, method._groups().mlp_removed)
+
+
+def test_ceiled_counts_and_kept_widths_are_reused_only_while_the_counts_are_unchanged():
+    model = tiny_vit(seed=5)
+    method = gated(model, uvc_config(0.5, prune_hidden=True))
+    first, kept = method._ceiled_counts(), method._kept_widths()
+    assert method._ceiled_counts() is first and method._kept_widths() is kept  # same counts: reused
+    with torch.no_grad():
+        method.counts[0, 0] += 1.0  # in place, as the counts' SGD step and load_state_dict write them
+    second = method._ceiled_counts()
+    assert second is not first and float(second[0][0, 0]) == float(first[0][0, 0]) + 1.0
+    assert float(method._kept_widths()[0][0]) == float(kept[0][0]) - 1.0
+    with torch.no_grad():
+        method.hidden_count.fill_(3.5)
+    assert float(method._ceiled_counts()[3]) == 4.0 and float(method._kept_widths()[3]) == kept[3] - 4.0

@@ -259,10 +259,14 @@ class UVCMethod(UVCBudget, CompressionMethod):
 
     def _ceiled_counts(self) -> tuple[torch.Tensor, ...]:
         """ceil of the head (L, 1), value-dim (L, 1, 1) and MLP (L, 1) removal counts, shaped to broadcast along
-        the units they count (what the least-k sets use), and of the residual count (1,) when it is searched."""
-        columns = self.counts.ceil().unsqueeze(-1).unbind(1)
-        ceiled = (columns[HEADS], columns[VDIMS].unsqueeze(-1), columns[MLP])
-        return (*ceiled, self.hidden_count.ceil().reshape(1)) if self.prune_hidden else ceiled
+        the units they count (what the least-k sets use), and of the residual count (1,) when it is searched.
+        Reused while the counts are unchanged (`_counts_cached`: a step's end and the next step's start)."""
+        def compute():
+            columns = self.counts.ceil().unsqueeze(-1).unbind(1)
+            ceiled = (columns[HEADS], columns[VDIMS].unsqueeze(-1), columns[MLP])
+            return (*ceiled, self.hidden_count.ceil().reshape(1)) if self.prune_hidden else ceiled
+
+        return self._counts_cached("ceiled", compute)
 
     def _groups(self, ceiled: tuple | None = None, heads_only: bool = False,
                 hidden_rest: torch.Tensor | None = None) -> _Groups:
@@ -356,14 +360,14 @@ class UVCMethod(UVCBudget, CompressionMethod):
             rows = scale.unsqueeze(1).to(weights[0].dtype).unbind(0)  # (1, in) per block: scales input columns
             torch._foreach_mul_(weights, list(rows))  # one operation for all blocks
         if self.config.uvc.shared_head_dims:  # the same factors on the q/k rows (and biases) of those groups
-            projections = [linear for block in self.parts.blocks for linear in (block.q_proj, block.k_proj)]
-            factors = columns.flatten(1).to(projections[0].weight.dtype)
-            per_linear = [factors[index // 2] for index in range(len(projections))]  # (H * d,) per Linear
-            tensors = [linear.weight for linear in projections]
-            scales = [factor.unsqueeze(-1) for factor in per_linear]
-            if projections[0].bias is not None:
-                tensors += [linear.bias for linear in projections]
-                scales += per_linear
+            blocks = self.parts.blocks
+            factors = columns.flatten(1).to(blocks[0].q_proj.weight.dtype)  # (L, H * d)
+            rows = factors.unsqueeze(-1).unbind(0)  # (H * d, 1) per block
+            tensors = [linear.weight for block in blocks for linear in (block.q_proj, block.k_proj)]
+            scales = [row for row in rows for _ in range(2)]
+            if blocks[0].q_proj.bias is not None:
+                tensors += [linear.bias for block in blocks for linear in (block.q_proj, block.k_proj)]
+                scales += [factor for factor in factors.unbind(0) for _ in range(2)]
             torch._foreach_mul_(tensors, scales)
         if not self.prune_hidden:
             return None

@@ -130,10 +130,27 @@ class UVCBudget:
         with torch.no_grad():
             return float(self.expected_ratio(run=self._hard_run()))
 
+    def _counts_cached(self, name: str, compute):
+        """`compute()`, reused while the counts (and the residual count) are the same tensors at the same in-place
+        version: what a step's end computes from them, the next step's start needs again (no device read)."""
+        key = (id(self.counts), self.counts._version)
+        if self.prune_hidden:
+            key += (id(self.hidden_count), self.hidden_count._version)
+        cache = self.__dict__.setdefault("_counts_cache", {})
+        entry = cache.get(name)
+        if entry is None or entry[0] != key:
+            entry = cache[name] = (key, compute())
+        return entry[1]
+
     def _kept_widths(self, ceil: bool = True) -> tuple:
         """Per block the kept heads, value head dim and MLP width of the current counts (ceil: what the masks keep;
         `ceil=False`: the continuous relaxation), each (L,), and the kept residual width (0-dim; the dense width, a
-        number, when it is not searched)."""
+        number, when it is not searched). The ceiled ones are reused while the counts are unchanged."""
+        if ceil:
+            return self._counts_cached("kept", lambda: self._compute_kept_widths(True))
+        return self._compute_kept_widths(False)
+
+    def _compute_kept_widths(self, ceil: bool) -> tuple:
         geo = self.geometry
         counts = self.counts.ceil() if ceil else self.counts
         columns = counts.unbind(1)
