@@ -250,8 +250,8 @@ class UVCConfig(_Validated):
             scored 50.80% top-1 at 30% MACs against 49.05% without (51.80 / 52.25 at 50%; test split, 3 seeds,
             searching half the steps) and 52.60 against 50.40 (53.85 / 54.00 at 50%; validation split, seed 0,
             searching a fifth), though the search kept the full residual width there; False restores the paper's
-            search space and a cheaper search step (1.36x a plain step's operators instead of 1.48x on DeiT-S,
-            benchmarks/results/dispatch.md).
+            search space and (with `shared_head_dims=False`) a cheaper search step (1.35x a plain step's operators
+            instead of 1.50x on DeiT-S, benchmarks/results/dispatch.md).
         shared_head_dims: the head-dim count removes each dim from the queries and keys as well as from the values
             (beyond the paper's space, which prunes value dims only and keeps every q/k dim of a kept head): a dim's
             group is then its o_proj column and its q_proj and k_proj rows, scored, shrunk and priced together, and
