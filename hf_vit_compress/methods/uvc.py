@@ -26,16 +26,23 @@ Design choices and deviations from the official code (VITA-Group/UVC), each for 
     value dim c -> o_proj column c, MLP unit j -> fc2 column j. The proximal step of y * ||W_g||^2 is exactly
     W_g <- W_g / (1 + 2 lr y), so it shrinks only those columns (not the q/k/v or fc1 rows, which the penalty does
     not contain). An MLP unit's fc1 row is removed together with its fc2 column at export.
+  * Head dims (`shared_head_dims`, default, beyond the paper): a dim count removes the dim from q and k too, so a
+    dim's group is its o_proj column and its q_proj/k_proj rows (and biases), scored, shrunk and priced in R
+    together, and the exported q/k head dim equals the value head dim; in the paper's space (off) a kept head keeps
+    every q/k dim, so q/k MACs fall only with whole heads (on the medium CIFAR-10 benchmark, 3 seeds: 54.20 / 53.85
+    top-1 at 50 / 30% MACs against 52.80 / 50.55, benchmarks/results/quality_medium.md).
   * FLOPs: R counts the MACs of `flops.block_macs` (plus stem and classifier head) at widths
-    qk = (H - ceil s0) d, v = (H - ceil s0)(d - ceil r), mlp = I - ceil s1 (straight-through ceil), weighted by
+    qk = (H - ceil s0) d (d - ceil r with shared head dims), v = (H - ceil s0)(d - ceil r), mlp = I - ceil s1
+    (straight-through ceil), weighted by
     the blocks' run probabilities. The v projection is counted at the value width (what the exported model runs)
     instead of the spec's a_l. With hard gates R equals the exported model's MACs ratio exactly. `block_macs` is
     linear in the widths, so R and its derivatives (written out, no autograd in the step) use three per-unit
     coefficients taken from it (`_linear_macs_coefficients`).
   * Cost per step: every update runs for all blocks and kinds at once, on the device, without reading a value
     back (no `.item()`, no Python branch on a tensor); the least-k sets the step ends with are reused by the next
-    forward's masks. q and k get no mask during the search (a removed head's value channels are masked, which
-    zeroes its output and its q/k gradients exactly as masking q and k would).
+    forward's masks. In the paper's space q and k get no mask during the search (a removed head's value channels
+    are masked, which zeroes its output and its q/k gradients exactly as masking q and k would); with shared head
+    dims they get the value mask, folded with v's in one operation.
   * Block-gate probabilities in R: gamma_l = softmax(theta_l / tau)[run] (the noise-free Gumbel-softmax). The
     forward uses a Gumbel sample; R, its gradients and the dual updates use the noise-free value, so every
     manual update is deterministic and identical on every data-parallel rank (theta's KD gradient is averaged
