@@ -256,9 +256,10 @@ class UVCConfig(_Validated):
             (beyond the paper's space, which prunes value dims only and keeps every q/k dim of a kept head): a dim's
             group is then its o_proj column and its q_proj and k_proj rows, scored, shrunk and priced together, and
             the exported q/k and value head dims are equal (which flash attention needs). On by default: on the
-            medium CIFAR-10 benchmark's validation split (seed 0) it scored 54.15% top-1 at 30% MACs against 52.60
-            without, 54.45 against 53.85 at 50% (benchmarks/results/quality_medium_tuning_val.md); False restores
-            the paper's space.
+            medium CIFAR-10 benchmark (test split, 3-seed medians) it scored 54.20% / 53.85% top-1 at 50% / 30%
+            MACs against 52.80 / 50.55 with value dims only, level with / above Torch-Pruning's best (54.20 /
+            52.65; benchmarks/results/quality_medium.md, quality_medium_uvc_value_dims.md); False restores the
+            paper's space.
         theta_lr, theta_momentum: SGD settings of the skip-gate logits.
         theta_budget_weight: weight of z * dR/dtheta in theta's gradient.
         dual_lr: ascent step of the group duals y and p.
