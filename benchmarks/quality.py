@@ -19,7 +19,7 @@ Protocol (identical for every method; see benchmarks/README.md):
      `--search-settings library` (the medium mode's default) uses the library's defaults (`CompressionConfig()`);
      `short` (cpu, quick and full modes) the benchmark's short-search constants (UVC: the demo's count step; OFB
      has none since its defaults follow the search length). `--ofb-budget-control`, `--ofb-arch-lr`,
-     `--ofb-arch-travel`, `--ofb-flops-weight`, `--ofb-elimination-rounds`, `--uvc-counts-lr`,
+     `--ofb-arch-travel`, `--ofb-flops-weight`, `--ofb-head-choices`, `--ofb-elimination-rounds`, `--uvc-counts-lr`,
      `--uvc-counts-space`, `--uvc-channel-multiple`, `--uvc-prune-hidden`, `--uvc-shared-head-dims`,
      `--uvc-budget-control`, `--uvc-budget-dual-update` override either; every run records its full method
      config. Their accuracy right after the search (final architecture, no fine-tuning yet) is recorded as "before
@@ -118,6 +118,9 @@ def parse_args(argv=None):
     parser.add_argument("--search-settings", choices=("library", "short"), default=None,
                         help="OFB/UVC settings: the library's defaults (medium mode's default) or the benchmark's "
                              "short-search constants (default of the cpu, quick and full modes)")
+    parser.add_argument("--ofb-head-choices", default=None,
+                        help="OFB: candidate head counts, comma-separated (OFBConfig.head_choices; default: the "
+                             "library's)")
     parser.add_argument("--ofb-elimination-rounds", type=int, default=0,
                         help="OFB: N elimination rounds (dual budget control: ofb.elimination_rounds, after warm-up; "
                              "paper: every search_steps / N steps); 0: the library default")
@@ -353,6 +356,8 @@ def search_overrides(args, method: str, train_size: int) -> dict:
         overrides = {"uvc.counts_lr": short.uvc.counts_lr}
     flags = {"ofb.budget_control": args.ofb_budget_control, "ofb.arch_lr": args.ofb_arch_lr,
              "ofb.arch_travel": args.ofb_arch_travel, "ofb.flops_loss_weight": args.ofb_flops_weight,
+             "ofb.head_choices": None if args.ofb_head_choices is None else [
+                 int(count) for count in args.ofb_head_choices.split(",")],
              "uvc.counts_lr": args.uvc_counts_lr, "uvc.counts_space": args.uvc_counts_space,
              "uvc.channel_multiple": args.uvc_channel_multiple,
              "uvc.prune_hidden": None if args.uvc_prune_hidden is None else args.uvc_prune_hidden == "on",
