@@ -38,7 +38,8 @@ def width_choices(size: int, ratios: list[float], multiple: int) -> list[int]:
 
 
 def head_choices(num_heads: int, settings: OFBConfig) -> list[int]:
-    """Candidate head counts: the configured ones, else 1..H for H <= 4, else even counts up to H (and H)."""
+    """Candidate head counts: the configured ones, else H alone (`prune_heads` off: heads are narrowed, never
+    removed), else 1..H for H <= 4 and even counts up to H (and H) above."""
     if settings.head_choices is not None:
         choices = {h for h in settings.head_choices if h <= num_heads}
         if not choices:
@@ -47,6 +48,8 @@ def head_choices(num_heads: int, settings: OFBConfig) -> list[int]:
                 f"({num_heads})"
             )
         return sorted(choices)
+    if not settings.prune_heads:
+        return [num_heads]
     if num_heads <= 4:
         return list(range(1, num_heads + 1))
     return sorted(set(range(2, num_heads + 1, 2)) | {num_heads})
