@@ -424,12 +424,13 @@ def test_decide_shrinks_final_modules_when_the_budget_needs_it():
 # The search space beyond the tiny model (DeiT-T / DeiT-S shapes)
 # ---------------------------------------------------------------------------------------------------------------
 def test_search_space_generalises():
-    settings = OFBConfig()
+    assert head_choices(12, OFBConfig()) == [12]  # default: every head kept, the head dims searched
+    settings = OFBConfig(prune_heads=True)  # the paper's head-count candidates
     assert head_choices(3, settings) == [1, 2, 3]  # DeiT-T
     assert head_choices(4, settings) == [1, 2, 3, 4]
     assert head_choices(6, settings) == [2, 4, 6]  # DeiT-S
     assert head_choices(12, settings) == [2, 4, 6, 8, 10, 12]  # DeiT-B
-    assert head_choices(12, OFBConfig(head_choices=[3, 6, 24])) == [3, 6]
+    assert head_choices(12, OFBConfig(head_choices=[3, 6, 24])) == [3, 6]  # explicit choices, either way
     with pytest.raises(ValueError, match="head_choices"):
         head_choices(3, OFBConfig(head_choices=[4, 8]))
     # head dim 64: 7 choices, multiples of 8; tiny head dims are not rounded
@@ -444,9 +445,22 @@ def test_search_space_generalises():
     assert embed_choices(32, settings) == list(range(16, 33))  # tiny: step 1, no rounding
 
 
+def test_default_search_keeps_every_head_and_exports_narrower_heads():
+    """By default (`prune_heads=False`) every attention candidate keeps all H heads: the search and its export only
+    narrow them."""
+    model = make_deit_classifier(hidden_size=48, num_attention_heads=3)
+    method = OFBMethod(model, CompressionConfig(method="ofb", target_flops=0.4))
+    assert method.heads_grid == [3]
+    architecture = method.decide()
+    kept = [layer for layer in architecture.layers if layer.keep_block]
+    assert kept and all(layer.num_heads == 3 for layer in kept)
+    assert any(layer.qk_head_dim < 16 for layer in kept)
+    assert method.architecture_macs(architecture) <= method.target_macs
+
+
 def test_three_head_deit_builds_the_one_to_three_head_grid():
     model = make_deit_classifier(hidden_size=48, num_attention_heads=3)
-    method = OFBMethod(model, CompressionConfig(method="ofb", target_flops=0.5))
+    method = OFBMethod(model, CompressionConfig(method="ofb", target_flops=0.5, ofb={"prune_heads": True}))
     assert method.heads_grid == [1, 2, 3]
     assert method.dims_grid == [4, 6, 8, 10, 12, 14, 16]
     assert len(method.attention[0].alpha) == 3 * 7
