@@ -171,3 +171,6 @@ def test_ceiled_counts_and_kept_widths_are_reused_only_while_the_counts_are_unch
     with torch.no_grad():
         method.hidden_count.fill_(3.5)
     assert float(method._ceiled_counts()[3]) == 4.0 and float(method._kept_widths()[3]) == kept[3] - 4.0
+    third = method._ceiled_counts()
+    model.to("cpu")  # a move makes new tensors (a new one may reuse an old id): the caches start afresh
+    assert method._ceiled_counts() is not third and method._step_groups is None

@@ -95,6 +95,7 @@ from .uvc_budget import (  # noqa: F401  (MLP is this module's API too)
     OFFSET_RATE,
     VDIMS,
     UVCBudget,
+    version_key,
 )
 from .uvc_groups import (  # noqa: F401  (LeastKSum, least_k_sum and _Groups are part of this module's API)
     HiddenSets,
@@ -168,6 +169,7 @@ class UVCMethod(UVCBudget, CompressionMethod):
         # The least-k sets computed at the end of `after_optimizer_step`, which the next forward's masks reuse while
         # the scored weights and the counts are unchanged: (key, groups).
         self._step_groups: tuple[tuple, _Groups] | None = None
+        self._counts_cache: dict[str, tuple] = {}  # what the counts give, by name (`UVCBudget._counts_cached`)
         self.to(next(model.parameters()).device)
         if settings.budget_control == "projection":  # the search starts on the budget (`uvc_budget`)
             for _ in range(INITIAL_NEWTON_STEPS):
@@ -210,6 +212,8 @@ class UVCMethod(UVCBudget, CompressionMethod):
                 self._buffers[name] = old.to(device=new.device, dtype=torch.float32)
         if self.theta.dtype != torch.float32:
             self.theta.data = theta.to(device=self.theta.device, dtype=torch.float32)
+        # new tensors: what the caches hold was computed from the old ones (whose ids a new tensor may reuse)
+        self._step_groups, self._counts_cache = None, {}
         return result
 
     # -- schedule ----------------------------------------------------------------------------------------------
@@ -289,8 +293,7 @@ class UVCMethod(UVCBudget, CompressionMethod):
 
     def _state_key(self) -> tuple:
         """Identifies the scored weights and the counts by object and in-place version (no device read)."""
-        tensors = [*self._scored_weights(), self.counts, *([self.hidden_count] if self.prune_hidden else [])]
-        return tuple((id(tensor), tensor._version) for tensor in tensors)
+        return version_key([*self._scored_weights(), *self._count_tensors()])
 
     def _current_groups(self) -> _Groups:
         """`_groups()`, reusing the sets the last `after_optimizer_step` ended with while nothing they depend on has

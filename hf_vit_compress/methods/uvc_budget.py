@@ -39,6 +39,12 @@ OFFSET_RATE = 0.05
 INITIAL_NEWTON_STEPS = 30
 
 
+def version_key(tensors) -> tuple:
+    """Identifies tensors by object and in-place version, without reading them: equal keys mean nothing was
+    written to them in place since (what the UVC step's caches are keyed on)."""
+    return tuple((id(tensor), tensor._version) for tensor in tensors)
+
+
 @torch.no_grad()
 def project_counts_to_budget(counts: Sequence[torch.Tensor], count_max: Sequence[torch.Tensor],
                              directions: Sequence[torch.Tensor], gradients: Sequence[torch.Tensor],
@@ -130,16 +136,18 @@ class UVCBudget:
         with torch.no_grad():
             return float(self.expected_ratio(run=self._hard_run()))
 
+    def _count_tensors(self) -> list[torch.Tensor]:
+        """The removal counts: `counts` and, when the residual width is searched, `hidden_count`."""
+        return [self.counts, self.hidden_count] if self.prune_hidden else [self.counts]
+
     def _counts_cached(self, name: str, compute):
         """`compute()`, reused while the counts (and the residual count) are the same tensors at the same in-place
-        version: what a step's end computes from them, the next step's start needs again (no device read)."""
-        key = (id(self.counts), self.counts._version)
-        if self.prune_hidden:
-            key += (id(self.hidden_count), self.hidden_count._version)
-        cache = self.__dict__.setdefault("_counts_cache", {})
-        entry = cache.get(name)
+        version: what a step's end computes from them, the next step's start needs again (no device read).
+        `UVCMethod` owns `_counts_cache` and empties it when its tensors are replaced (`_apply`)."""
+        key = version_key(self._count_tensors())
+        entry = self._counts_cache.get(name)
         if entry is None or entry[0] != key:
-            entry = cache[name] = (key, compute())
+            entry = self._counts_cache[name] = (key, compute())
         return entry[1]
 
     def _kept_widths(self, ceil: bool = True) -> tuple:
