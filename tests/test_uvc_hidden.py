@@ -83,9 +83,10 @@ def test_channel_scores_are_the_squared_norm_of_every_tensor_using_the_channel(k
     assert len(names) == len(method._hidden_group.tensors())  # the method's group is exactly these tensors
 
 
-def test_residual_terms_of_R_by_hand_and_by_autograd():
-    model = vit()
-    method = gated(model)
+def check_ratio_terms(model, method) -> torch.Tensor:
+    """Set uneven counts, residual count and gates; check R with hard gates against the hard architecture's MACs
+    (at D - ceil(s_D) = 26 residual channels; the q/k dims follow the value dims with `shared_head_dims`) and R's
+    closed-form gradients against autograd through the straight-through ceil. Returns the gates' run probabilities."""
     geo = method.geometry
     with torch.no_grad():
         method.head_counts.copy_(torch.tensor([0.5, 2.2, 0.0]))
@@ -93,19 +94,18 @@ def test_residual_terms_of_R_by_hand_and_by_autograd():
         method.mlp_counts.copy_(torch.tensor([10.2, 0.0, 40.0]))
         method.hidden_count.fill_(5.3)
         method.theta.copy_(torch.tensor([[-1.0, 1.0], [0.4, 0.1], [0.2, 0.9]]))
-    # R with hard gates is the MACs of the hard architecture at D - ceil(s_D) = 26 residual channels
     hard = method._hard_run()
     layers = []
     for index, keep in enumerate(hard.tolist()):
         heads = geo.num_heads - math.ceil(float(method.head_counts[index]))
         v_dim = geo.head_dim - math.ceil(float(method.vdim_counts[index]))
+        qk_dim = v_dim if method.config.uvc.shared_head_dims else geo.head_dim
         mlp = geo.intermediate_size - math.ceil(float(method.mlp_counts[index]))
-        layers.append(LayerArchitecture(list(range(heads)), [list(range(geo.head_dim))] * heads,
+        layers.append(LayerArchitecture(list(range(heads)), [list(range(qk_dim))] * heads,
                                         [list(range(v_dim))] * heads, list(range(mlp)), keep_block=bool(keep)))
     architecture = Architecture(layers=layers, hidden_channels=list(range(26)))
     assert float(method.expected_ratio(run=hard)) == pytest.approx(architecture_macs(model, architecture)
                                                                    / method.dense_macs, rel=1e-6)
-    # dR/ds_D (and the other counts' gradients, now at D = 26) against autograd through the straight-through ceil
     ratio, d_counts, d_theta, d_hidden = method._ratio_and_gradients()
     counts = [c.detach().clone().requires_grad_(True) for c in (method.head_counts, method.vdim_counts,
                                                              method.mlp_counts, method.hidden_count)]
@@ -117,6 +117,15 @@ def test_residual_terms_of_R_by_hand_and_by_autograd():
     torch.testing.assert_close(d_counts, torch.stack([grads[0], grads[2], grads[1]], 1))
     torch.testing.assert_close(d_theta, grads[4])
     torch.testing.assert_close(d_hidden, grads[3])
+    return run
+
+
+def test_residual_terms_of_R_by_hand_and_by_autograd():
+    model = vit()
+    method = gated(model)
+    geo = method.geometry
+    run = check_ratio_terms(model, method)
+    d_hidden = method._ratio_and_gradients()[3]
     # by hand: one residual channel more removed saves the stem/head MACs per channel and, per block, its share
     per_channel = geo.num_patches * geo.patch_dim + geo.num_heads_out * geo.num_labels
     for index in range(3):

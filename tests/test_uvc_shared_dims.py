@@ -4,13 +4,10 @@ and the stored architecture."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from test_uvc_hidden import _search, gated, vit
+from test_uvc_hidden import _search, check_ratio_terms, gated, vit
 
-from hf_vit_compress.architecture import Architecture, LayerArchitecture
 from hf_vit_compress.distill import frozen_teacher_copy
 from hf_vit_compress.export import export_compressed_model
 from hf_vit_compress.flops import architecture_macs, count_macs, measured_macs
@@ -35,36 +32,7 @@ def test_dim_scores_hold_the_o_proj_column_and_the_q_and_k_rows():
 
 def test_ratio_and_its_gradients_count_the_q_and_k_channels_of_a_dim():
     model = vit()
-    method = shared(model)
-    geo = method.geometry
-    with torch.no_grad():
-        method.head_counts.copy_(torch.tensor([0.5, 2.2, 0.0]))
-        method.vdim_counts.copy_(torch.tensor([1.0, 3.5, 6.1]))
-        method.mlp_counts.copy_(torch.tensor([10.2, 0.0, 40.0]))
-        method.hidden_count.fill_(5.3)
-        method.theta.copy_(torch.tensor([[-1.0, 1.0], [0.4, 0.1], [0.2, 0.9]]))
-    hard = method._hard_run()
-    layers = []
-    for index, keep in enumerate(hard.tolist()):
-        heads = geo.num_heads - math.ceil(float(method.head_counts[index]))
-        dim = geo.head_dim - math.ceil(float(method.vdim_counts[index]))
-        mlp = geo.intermediate_size - math.ceil(float(method.mlp_counts[index]))
-        layers.append(LayerArchitecture(list(range(heads)), [list(range(dim))] * heads, [list(range(dim))] * heads,
-                                        list(range(mlp)), keep_block=bool(keep)))
-    architecture = Architecture(layers=layers, hidden_channels=list(range(26)))
-    assert float(method.expected_ratio(run=hard)) == pytest.approx(architecture_macs(model, architecture)
-                                                                   / method.dense_macs, rel=1e-6)
-    ratio, d_counts, d_theta, d_hidden = method._ratio_and_gradients()
-    counts = [c.detach().clone().requires_grad_(True) for c in (method.head_counts, method.vdim_counts,
-                                                             method.mlp_counts, method.hidden_count)]
-    theta = method.theta.detach().clone().requires_grad_(True)
-    run = torch.softmax(theta / method.config.uvc.gumbel_tau, dim=-1)[:, 1]
-    expected = method.expected_ratio(*counts[:3], run=run, hidden_removed=counts[3])
-    grads = torch.autograd.grad(expected, [*counts, theta])
-    torch.testing.assert_close(ratio, expected.detach())
-    torch.testing.assert_close(d_counts, torch.stack([grads[0], grads[2], grads[1]], 1))
-    torch.testing.assert_close(d_theta, grads[4])
-    torch.testing.assert_close(d_hidden, grads[3])
+    check_ratio_terms(model, shared(model))
 
 
 def test_prox_shrinks_the_q_and_k_rows_of_the_removed_dims_and_heads():
