@@ -122,8 +122,8 @@ def frozen_teacher_copy(model: nn.Module) -> nn.Module:
     Args:
         model: any `nn.Module` image classifier (typically the dense HF model about to be compressed).
     """
-    from .gating import MaskedLayerNorm  # local import: gating imports nothing from here, but keep distill light
     from .methods.base import CompressionMethod
+    from .residual_width import MaskedLayerNorm  # local import: keep distill light
 
     for name, module in model.named_modules():
         if isinstance(module, (MaskedLayerNorm, CompressionMethod)):

@@ -29,8 +29,9 @@ from hypothesis import strategies as st
 import hf_vit_compress.saving as saving_module
 from hf_vit_compress.architecture import Architecture, LayerArchitecture
 from hf_vit_compress.export import export_compressed_model, save_atomically
-from hf_vit_compress.gating import MaskedLayerNorm, apply_architecture
+from hf_vit_compress.gating import apply_architecture
 from hf_vit_compress.modeling import CompressedViTForImageClassification
+from hf_vit_compress.residual_width import MaskedLayerNorm
 
 # 0-width Linears (pruned to 0 heads / 0 neurons) are legal here.
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")

@@ -17,15 +17,8 @@ from transformers import TrainerCallback, TrainingArguments
 
 from hf_vit_compress.config import CompressionConfig
 from hf_vit_compress.device_logs import DeviceHistory, DeviceLogAccumulator
-from hf_vit_compress.gating import (
-    KeptChannelStatistics,
-    Masks,
-    _BlockMix,
-    _KeptChannelLayerNorm,
-    _MeanFill,
-    _MeanFilledRows,
-    install_gates,
-)
+from hf_vit_compress.gating import Masks, _BlockMix, install_gates
+from hf_vit_compress.residual_width import KeptChannelStatistics, _KeptChannelLayerNorm, _MeanFill, _MeanFilledRows
 from hf_vit_compress.trainer import CompressionTrainer
 
 aten = torch.ops.aten
@@ -342,7 +335,8 @@ def test_mean_fill_needs_enough_kept_channels_and_both_paths_match_the_export(ke
     what the exported model computes."""
     from hf_vit_compress.architecture import Architecture, LayerArchitecture
     from hf_vit_compress.export import export_compressed_model
-    from hf_vit_compress.gating import MIN_FILL_CHANNELS, apply_architecture
+    from hf_vit_compress.gating import apply_architecture
+    from hf_vit_compress.residual_width import MIN_FILL_CHANNELS
 
     model = make_vit_classifier(seed=11).eval()
     config = model.config
