@@ -394,11 +394,11 @@ def test_projection_layer_growth_options_steps_by_kind():
 
 
 def test_uvc_helper_modules_do_not_import_the_method_module():
-    """uvc.py imports uvc_budget, uvc_groups, uvc_hidden and uvc_projection; none of them may import uvc.py back (not
-    even for type checking), and uvc_groups imports none of the others."""
+    """uvc.py imports uvc_budget, uvc_decisions, uvc_groups, uvc_hidden and uvc_projection; none of them may import
+    uvc.py back (not even for type checking), and uvc_groups imports none of the others."""
     methods = Path(__file__).resolve().parents[1] / "hf_vit_compress" / "methods"
     imported = {}
-    for name in ("uvc_budget", "uvc_groups", "uvc_hidden", "uvc_projection"):
+    for name in ("uvc_budget", "uvc_decisions", "uvc_groups", "uvc_hidden", "uvc_projection"):
         tree = ast.parse((methods / f"{name}.py").read_text())
         imported[name] = {node.module for node in ast.walk(tree)
                           if isinstance(node, ast.ImportFrom) and node.level == 1}

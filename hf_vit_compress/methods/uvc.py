@@ -70,12 +70,12 @@ Design choices and deviations from the official code (VITA-Group/UVC), each for 
     `theta.grad = None` afterwards.
   * Eval-mode forwards during the search use the noise-free gates softmax(theta / tau) (the skip warm-up's
     (0.5, 0.5) during warm-up); after `finalize()` the final hard masks.
-  * Final projection: `decide()` takes the hard architecture of the current counts (ceil, magnitude top-k) and
-    theta (block l runs iff theta_l[1] > theta_l[0]; if no block would run, the one with the largest run margin
-    is kept), then greedily removes the remaining unit group with the least damage per MAC saved (damage =
-    removed squared column norms: an MLP unit, one value dim in every kept head, a head, or a whole block while
-    more than one is kept) until `architecture_macs <= target_macs` holds exactly; MLP widths and value head dims
-    stay at or above `channel_multiple` and are then rounded to multiples of it (`uvc_projection.project_and_round`).
+  * Final projection (`uvc_decisions`): `decide()` takes the hard architecture of the current counts (ceil, magnitude
+    top-k) and theta (block l runs iff theta_l[1] > theta_l[0]; if no block would run, the one with the largest run
+    margin is kept), then greedily removes the remaining unit group with the least damage per MAC saved (damage =
+    removed squared column norms: an MLP unit, one value dim in every kept head, a head, or a whole block while more
+    than one is kept) until `architecture_macs <= target_macs` holds exactly; MLP widths and value head dims stay at or
+    above `channel_multiple` and are then rounded to multiples of it (`uvc_projection.project_and_round`).
 """
 
 from __future__ import annotations
@@ -84,7 +84,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..architecture import Architecture, LayerArchitecture
 from ..config import CompressionConfig
 from ..gating import Masks
 from .base import CompressionMethod
@@ -97,6 +96,7 @@ from .uvc_budget import (  # noqa: F401  (MLP is this module's API too)
     UVCBudget,
     version_key,
 )
+from .uvc_decisions import UVCDecisions
 from .uvc_groups import (  # noqa: F401  (LeastKSum, least_k_sum and _Groups are part of this module's API)
     HiddenSets,
     LeastKSum,
@@ -105,10 +105,10 @@ from .uvc_groups import (  # noqa: F401  (LeastKSum, least_k_sum and _Groups are
     least_k_sum,
 )
 from .uvc_hidden import HiddenGroup
-from .uvc_projection import ProjectionHidden, ProjectionLayer, project_and_round, unit_floors
+from .uvc_projection import unit_floors
 
 
-class UVCMethod(UVCBudget, CompressionMethod):
+class UVCMethod(UVCDecisions, UVCBudget, CompressionMethod):
     """UVC's primal-dual search (see the module docstring for every design choice).
 
     Args:
@@ -492,87 +492,6 @@ class UVCMethod(UVCBudget, CompressionMethod):
             else:  # the spec's projected ascent
                 self.budget_dual.add_(settings.budget_dual_lr * (new_ratio - self.target_ratio)).clamp_(min=0.0)
             self._last_logs = {"uvc/ratio": new_ratio, "uvc/budget_dual": self.budget_dual.clone()}
-
-    # -- decisions ---------------------------------------------------------------------------------------------
-    def decide(self) -> Architecture:
-        """The hard architecture of the current counts and theta, projected to `architecture_macs <= target`.
-
-        After `finalize()` (also after a reload), the stored final architecture.
-        """
-        if self._finalized:
-            return self._stored_architecture()
-        geo = self.geometry
-        with torch.no_grad():
-            keep_blocks = (self.theta[:, 1] > self.theta[:, 0]).tolist()
-            if geo.num_layers and not any(keep_blocks):
-                keep_blocks[int(torch.argmax(self.theta[:, 1] - self.theta[:, 0]))] = True
-            groups = self._groups()
-            layers = [ProjectionLayer.from_groups(groups.layer(i), keep) for i, keep in enumerate(keep_blocks)]
-            for layer in layers:
-                layer.shared_head_dims = self.config.uvc.shared_head_dims
-            hidden = None
-            if self.prune_hidden:
-                hidden = ProjectionHidden.from_sets(groups.hidden.scores, groups.hidden.removed)
-        removed, rounded = project_and_round(layers, geo, self.target_macs, self.config.uvc.channel_multiple, hidden)
-        architecture = Architecture(
-            layers=[layer.to_layer_architecture(geo.head_dim) for layer in layers],
-            hidden_channels=hidden.channels() if hidden is not None else list(range(geo.hidden_size)),
-        )
-        macs = self.architecture_macs(architecture)
-        if macs > self.target_macs:  # cannot happen: _project_to_budget counts with the same formula
-            raise RuntimeError(f"UVC final projection failed: {macs} MACs > target {self.target_macs:.0f}")
-        architecture.metadata.update(
-            method=self.name, macs=macs, ratio=macs / self.dense_macs, target_macs=float(self.target_macs),
-            hard_ratio=self.hard_ratio(), projection_removals=removed, rounding_removals=rounded,
-        )
-        return architecture
-
-    def finalize(self) -> Architecture:
-        architecture = super().finalize()
-        self._store_architecture(architecture)
-        return architecture
-
-    @torch.no_grad()
-    def _store_architecture(self, architecture: Architecture) -> None:
-        head_dim = self.geometry.head_dim
-        self.final_blocks.zero_()
-        self.final_heads.zero_()
-        self.final_vdims.zero_()
-        self.final_mlp.zero_()
-        if self.prune_hidden:
-            self.final_hidden.zero_()
-            self.final_hidden[architecture.hidden_channels] = True
-        for index, layer in enumerate(architecture.layers):
-            if not layer.keep_block:
-                continue
-            self.final_blocks[index] = True
-            self.final_heads[index, layer.heads] = True
-            self.final_vdims[index, layer.flat_indices(head_dim, "v")] = True
-            self.final_mlp[index, layer.mlp_neurons] = True
-
-    def _stored_architecture(self) -> Architecture:
-        geo = self.geometry
-        layers = []
-        for index in range(geo.num_layers):
-            if not bool(self.final_blocks[index]):
-                layers.append(LayerArchitecture([], [], [], [], keep_block=False))
-                continue
-            heads = self.final_heads[index].nonzero().flatten().tolist()
-            vdims = self.final_vdims[index].view(geo.num_heads, geo.head_dim)
-            v_channels = [vdims[h].nonzero().flatten().tolist() for h in heads]
-            layers.append(LayerArchitecture(
-                heads=heads,
-                qk_channels=v_channels if self.config.uvc.shared_head_dims else [list(range(geo.head_dim))
-                                                                                  for _ in heads],
-                v_channels=v_channels,
-                mlp_neurons=self.final_mlp[index].nonzero().flatten().tolist(),
-            ))
-        hidden = self.final_hidden.nonzero().flatten().tolist() if self.prune_hidden else range(geo.hidden_size)
-        architecture = Architecture(layers=layers, hidden_channels=list(hidden))
-        macs = self.architecture_macs(architecture)
-        architecture.metadata.update(method=self.name, macs=macs, ratio=macs / self.dense_macs,
-                                     target_macs=float(self.target_macs))
-        return architecture
 
     # -- logging -----------------------------------------------------------------------------------------------
     @torch.no_grad()
