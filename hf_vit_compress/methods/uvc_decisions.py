@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..architecture import Architecture, LayerArchitecture
-from .uvc_projection import ProjectionHidden, ProjectionLayer, project_and_round
+from .uvc_projection import ProjectionHidden, ProjectionLayer, project_and_round, query_key_channels
 
 
 class UVCDecisions:
@@ -84,8 +84,7 @@ class UVCDecisions:
             v_channels = [vdims[h].nonzero().flatten().tolist() for h in heads]
             layers.append(LayerArchitecture(
                 heads=heads,
-                qk_channels=v_channels if self.config.uvc.shared_head_dims else [list(range(geo.head_dim))
-                                                                                  for _ in heads],
+                qk_channels=query_key_channels(v_channels, geo.head_dim, self.config.uvc.shared_head_dims),
                 v_channels=v_channels,
                 mlp_neurons=self.final_mlp[index].nonzero().flatten().tolist(),
             ))

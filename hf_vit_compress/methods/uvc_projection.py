@@ -268,10 +268,16 @@ class ProjectionLayer:
         v_channels = [sorted(c for _, c in self.heads[h]) for h in heads]
         return LayerArchitecture(
             heads=heads,
-            qk_channels=v_channels if self.shared_head_dims else [list(range(head_dim)) for _ in heads],
+            qk_channels=query_key_channels(v_channels, head_dim, self.shared_head_dims),
             v_channels=v_channels,
             mlp_neurons=sorted(j for _, j in self.mlp),
         )
+
+
+def query_key_channels(v_channels: list[list[int]], head_dim: int, shared_head_dims: bool) -> list[list[int]]:
+    """The kept q/k channels of each kept head: its kept value channels with `UVCConfig.shared_head_dims`, else all
+    `head_dim` of them (the paper prunes value dims only)."""
+    return v_channels if shared_head_dims else [list(range(head_dim)) for _ in v_channels]
 
 
 _KIND_ORDER = {"mlp": 0, "vdim": 1, "head": 2, "block": 3, "hidden": 4}
