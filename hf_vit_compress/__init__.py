@@ -21,6 +21,8 @@ _LAZY = {
     "save_compressed_model": "publish",
     "build_model_card": "card",
     "export_onnx": "onnx_export",
+    "verify_compressed_folder": "verify",
+    "load_compressed_model": "verify",
 }
 
 
@@ -50,8 +52,10 @@ __all__ = [
     "count_params",
     "export_compressed_model",
     "export_onnx",
+    "load_compressed_model",
     "push_compressed_folder",
     "save_atomically",
     "save_compressed_model",
+    "verify_compressed_folder",
     "__version__",
 ]

@@ -3,6 +3,7 @@
     hf-vit-compress demo [--method ofb|uvc] [--target-flops 0.5] ...       the offline end-to-end demo
     hf-vit-compress train --recipe FILE_OR_NAME [--section.key VALUE ...]  compress a ViT/DeiT with a recipe
     hf-vit-compress push DIR REPO_ID [--private] [--revision R] ...        publish a saved compressed model
+    hf-vit-compress verify DIR                                             check a (downloaded) model folder
     hf-vit-compress export-onnx DIR [--output FILE] [--opset 18]           ONNX export, checked with onnxruntime
 
 Overrides of `train`: `--compression.target_flops 0.4`, `--compression.ofb.arch_lr 5e-2`, `--training.max_steps 5`
@@ -122,6 +123,9 @@ def _push_parser(subparsers) -> None:
     push.add_argument("--commit-message", default="Upload compressed model")
     push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--keep-card", action="store_true", help="upload DIR's README.md as it is")
+    push.add_argument("--skip-unknown", action="store_true",
+                      help="leave out (and name) links, hidden entries, other folders and unknown files instead of "
+                      "refusing DIR; pickle-capable files and changed modeling code are refused either way")
 
 
 def _run_push(arguments: argparse.Namespace) -> int:
@@ -130,9 +134,29 @@ def _run_push(arguments: argparse.Namespace) -> int:
     commit = push_compressed_folder(
         arguments.folder, arguments.repo_id, token=arguments.token, private=arguments.private or None,
         revision=arguments.revision, commit_message=arguments.commit_message, create_pr=arguments.create_pr,
-        keep_card=arguments.keep_card,
+        keep_card=arguments.keep_card, skip_unknown=arguments.skip_unknown,
     )
     print(f"pushed {arguments.folder} to {getattr(commit, 'commit_url', None) or arguments.repo_id}")
+    return 0
+
+
+def _verify_parser(subparsers) -> None:
+    verify = subparsers.add_parser(
+        "verify",
+        help="check a compressed model folder (e.g. a downloaded Hub repo) before loading or publishing it",
+        description="Exit 0 when DIR holds only the files a compressed model has, its modeling code is this "
+        "package's own (what trust_remote_code=True would run), config.json's auto_map names only it, no file can "
+        "unpickle, and the weights and architecture.json match config.json; else print one line naming every "
+        "problem and exit 2.",
+    )
+    verify.add_argument("folder", metavar="DIR", help="a compressed model folder")
+
+
+def _run_verify(arguments: argparse.Namespace) -> int:
+    from .verify import verify_compressed_folder
+
+    check = verify_compressed_folder(arguments.folder)
+    print(f"{arguments.folder}: verified ({len(check.files)} files: {', '.join(check.files)})")
     return 0
 
 
@@ -168,9 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     _demo_parser(subparsers)
     _train_parser(subparsers)
     _push_parser(subparsers)
+    _verify_parser(subparsers)
     _export_onnx_parser(subparsers)
     arguments, extra = parser.parse_known_args(argv)
-    commands = {"demo": _run_demo, "push": _run_push, "export-onnx": _run_export_onnx}
+    commands = {"demo": _run_demo, "push": _run_push, "verify": _run_verify, "export-onnx": _run_export_onnx}
     try:
         if arguments.command != "train" and extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

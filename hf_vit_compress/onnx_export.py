@@ -97,7 +97,9 @@ def export_onnx(model: CompressedViTForImageClassification | str | os.PathLike,
         if not (folder / "config.json").is_file():
             raise ValueError(f"export_onnx: {folder} holds no config.json; allowed a saved compressed model folder")
         output_path = output_path or folder / "onnx" / "model.onnx"
-        model = CompressedViTForImageClassification.from_pretrained(folder)
+        from .verify import load_compressed_model
+
+        model = load_compressed_model(folder)  # verified first: no code or pickle from the folder runs
     if not isinstance(model, CompressedViTForImageClassification):
         raise ValueError(f"export_onnx: got {type(model).__name__}; allowed a CompressedViTForImageClassification "
                          "(trainer.export_compressed_model()) or its saved folder")

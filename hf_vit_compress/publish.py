@@ -34,6 +34,7 @@ from .export import architecture_params, save_atomically
 from .flops import count_macs, count_params
 from .report import architecture_table
 from .saving import CONTROL_DIR
+from .verify import FolderCheck, UnsafeFolderError, verify_compressed_folder
 
 logger = logging.get_logger(__name__)
 
@@ -310,51 +311,23 @@ def save_compressed_model(model, output_dir: str | os.PathLike, report: Mapping[
     return save_atomically(model, output_dir, extra_files=files)
 
 
-def _safetensors_keys(path: Path) -> list[str]:
-    from safetensors import safe_open
+def check_publishable(folder: str | os.PathLike, *, skip_unknown: bool = False) -> FolderCheck:
+    """Check that `folder` is a complete compressed model holding nothing else (`verify.verify_compressed_folder`
+    with the processor, sidecars and card required: only allow-listed regular files, the package's own modeling
+    code, safetensors weights matching config.json, no pickle-capable file).
 
-    with safe_open(str(path), framework="pt") as weights:
-        return list(weights.keys())
+    Returns:
+        The `FolderCheck` (its `files` are what may be uploaded).
 
-
-def check_publishable(folder: str | os.PathLike) -> None:
-    """Raise a ValueError naming every problem if `folder` is not a complete compressed model: config.json must
-    say `model_type: compressed_vit` (not the dense or gated model), weights must be safetensors without gate
-    tensors (`compression.*`), and the modeling files, image processor, sidecars and card must be there."""
+    Raises:
+        UnsafeFolderError: one line naming every problem, with a hint when `folder` is a training output folder.
+    """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder: allowed a folder saved by CompressionTrainer.save_model / "
-                         "hf-vit-compress train (its compressed_model/)")
-    problems = []
-    config_path = folder / "config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())
-        if config.get("model_type") != "compressed_vit":
-            problems.append(f"config.json has model_type {config.get('model_type')!r}, allowed 'compressed_vit': "
-                            "this is not a compressed model")
-        elif "AutoModelForImageClassification" not in (config.get("auto_map") or {}):
-            problems.append("config.json has no auto_map for AutoModelForImageClassification")
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
-    if missing:
-        problems.append(f"missing {missing} (CompressionTrainer.save_model and hf-vit-compress train write them; "
-                        "an image processor comes from processing_class=...)")
-    weights = sorted(folder.rglob("*.safetensors"))
-    if not weights:
-        problems.append("no *.safetensors weights")
-    pickles = [str(path.relative_to(folder)) for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt")
-               for path in folder.rglob(pattern)]
-    if pickles:
-        problems.append(f"pickled weights {pickles}: allowed safetensors only")
-    gated = [str(path.relative_to(folder)) for path in weights
-             if any(key.startswith("compression.") for key in _safetensors_keys(path))]
-    if gated:
-        problems.append(f"{gated} hold the gated dense model's compression.* tensors")
-    checkpoints = [path.name for path in folder.glob("checkpoint-*")]
-    if checkpoints:
-        problems.append(f"training checkpoints {checkpoints} must not be published")
-    if problems:
-        hint = (f" (did you mean {folder / 'compressed_model'}?)" if (folder / "compressed_model").is_dir() else "")
-        raise ValueError(f"{folder} cannot be published{hint}: " + "; ".join(problems))
+    try:
+        return verify_compressed_folder(folder, skip_unknown=skip_unknown, required=REQUIRED_FILES)
+    except UnsafeFolderError as error:
+        hint = f" (did you mean {folder / 'compressed_model'}?)" if (folder / "compressed_model").is_dir() else ""
+        raise UnsafeFolderError(folder, error.problems, verdict=f"cannot be published{hint}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -371,14 +344,14 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | bool 
     """
     api = HfApi()
     try:
-        check_publishable(folder)
+        files = check_publishable(folder).files
         if create_repo:
             repo_id = api.create_repo(repo_id, token=token, private=private, exist_ok=True).repo_id
         if revision not in (None, "main"):
             api.create_branch(repo_id, branch=revision, token=token, exist_ok=True)
         result = api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message,
                                    token=token, revision=revision, create_pr=create_pr, run_as_future=run_as_future,
-                                   ignore_patterns=[".*"])  # hidden files (the save's bookkeeping) stay local
+                                   allow_patterns=files)  # exactly the checked files (not the save's bookkeeping)
     except BaseException:
         if cleanup is not None:
             shutil.rmtree(cleanup, ignore_errors=True)
@@ -391,27 +364,35 @@ def upload_folder(folder: str | os.PathLike, repo_id: str, *, token: str | bool 
     return result
 
 
-def _stage_copy(folder: Path, staging: Path) -> Path:
-    """Copy `folder` (hard links where the file system allows: the weights can be large) without hidden files."""
-    def link_or_copy(source, destination):
-        try:
-            os.link(source, destination)
-        except OSError:
-            shutil.copy2(source, destination)
-
+def _stage_copy(folder: Path, files: list[str], staging: Path) -> Path:
+    """Copy the checked `files` of `folder` into `staging/<folder name>`: weights as hard links where the file
+    system allows (they can be large), everything else copied; a file replaced by a link since the check is refused
+    (opened with O_NOFOLLOW), so the staged folder holds regular files only."""
     target = staging / folder.name
-    shutil.copytree(folder, target, copy_function=link_or_copy, ignore=shutil.ignore_patterns(".*"))
+    for name in files:
+        source, destination = folder / name, target / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if name.endswith(".safetensors") and not source.is_symlink():
+            try:
+                os.link(source, destination, follow_symlinks=False)
+                continue
+            except OSError:
+                pass
+        descriptor = os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(descriptor, "rb") as reader, open(destination, "wb") as writer:
+            shutil.copyfileobj(reader, writer)
     return target
 
 
 def push_compressed_folder(folder: str | os.PathLike, repo_id: str, *, token: str | bool | None = None,
                            private: bool | None = None, revision: str | None = None,
                            commit_message: str | None = "Upload compressed model", create_pr: bool = False,
-                           keep_card: bool = False, blocking: bool = True):
+                           keep_card: bool = False, blocking: bool = True, skip_unknown: bool = False):
     """Publish a saved compressed model folder to the Hub (what `hf-vit-compress push DIR REPO_ID` runs).
 
     The folder is checked (`check_publishable`: the compressed model, not a dense or gated one; image processor,
-    sidecars and card present), copied to a temporary folder and uploaded from there. Unless `keep_card`, the card
+    sidecars and card present; only allow-listed regular files and the package's own modeling code), its checked
+    files are copied to a temporary folder, checked again there, and uploaded from there. Unless `keep_card`, the card
     is rebuilt there from the folder's `compression_report.json` so its loading code names `repo_id` (your folder
     keeps its README.md either way).
 
@@ -422,16 +403,18 @@ def push_compressed_folder(folder: str | os.PathLike, repo_id: str, *, token: st
         token, private, revision, commit_message, create_pr: as in `huggingface_hub.HfApi.upload_folder` /
             `create_repo` (`private` only applies when the repo is created).
         keep_card: upload the folder's README.md as it is.
+        skip_unknown: leave out (with a warning naming them) links, hidden entries, other folders and unknown
+            files instead of refusing the folder; pickle-capable files and tampered code are refused either way.
         blocking: False returns a `Future` (the temporary copy is removed when it is done).
 
     Returns:
         The `CommitInfo` (or its `Future`).
     """
     folder = Path(folder)
-    check_publishable(folder)
+    files = check_publishable(folder, skip_unknown=skip_unknown).files
     staging = Path(tempfile.mkdtemp(prefix="hf_vit_compress-push-"))
     try:
-        staged = _stage_copy(folder, staging)
+        staged = _stage_copy(folder, files, staging)
         report_path = staged / REPORT_FILE
         if not keep_card and report_path.is_file():
             card = build_model_card(json.loads(report_path.read_text()), repo_id=repo_id)
