@@ -83,6 +83,11 @@ MODES = {
                  patch_size=4, train_size=50000, eval_size=10000, validation_size=5000, batch_size=128,
                  dense_steps=39000, steps=7800, dense_lr=1e-3, lr=5e-4, budgets="0.7,0.5,0.3",
                  search_settings="short", search_fraction=0.5, logs_per_run=10),
+    # a converged dense model (benchmarks/train_dense.py: 45,000 training images, the next 5,000 its validation
+    # split) compressed with the medium schedule, evaluated on the whole test set
+    "converged": dict(_CPU, train_size=45000, eval_size=10000, validation_size=5000, steps=1500, budgets="0.7,0.5,0.3",
+                      search_settings="library", search_fraction=None, logs_per_run=50,
+                      dense_from=str(C.REPO / "benchmarks" / "dense" / "cifar10_medium")),
     "quick": dict(model=dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3, intermediate_size=96),
                   patch_size=4, train_size=512, eval_size=256, validation_size=256, batch_size=32, dense_steps=20,
                   steps=8, dense_lr=2e-3, lr=5e-4, budgets="0.7,0.5,0.3", search_settings="short", search_fraction=0.5,
@@ -95,6 +100,9 @@ def parse_args(argv=None):
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--medium", action="store_true",
                        help="CPU-mode model and data, 1500 steps per run, budgets 0.5,0.3, library OFB/UVC defaults")
+    group.add_argument("--converged", action="store_true",
+                       help="start from the converged dense model (--dense-from; benchmarks/train_dense.py), 1500 "
+                            "steps per run, budgets 0.7,0.5,0.3, the full 10,000-image test set")
     group.add_argument("--full", action="store_true", help="DeiT-T-like model, long schedule (for a GPU)")
     group.add_argument("--quick", action="store_true", help="smoke run")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"subset of {','.join(METHODS)}")
@@ -104,6 +112,9 @@ def parse_args(argv=None):
                         help="folder with CIFAR-10 parquet shards train-*.parquet, test-*.parquet")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per method run (search + fine-tune)")
     parser.add_argument("--dense-steps", type=int, default=None)
+    parser.add_argument("--dense-from", default=None,
+                        help="a saved dense ViT folder with provenance.json (train_dense.py's output) to compress "
+                             "instead of training one (default in --converged mode: benchmarks/dense/cifar10_medium)")
     parser.add_argument("--train-size", type=int, default=None, help="training images used (fixed subsample)")
     parser.add_argument("--eval-size", type=int, default=None, help="test images evaluated (fixed subsample)")
     parser.add_argument("--eval-on", choices=("test", "validation"), default="test",
@@ -158,8 +169,10 @@ def parse_args(argv=None):
                         help="add the runs of another results JSON with the same settings (pieces run in parallel "
                              "under other --name), then rebuild the report")
     args = parser.parse_args(argv)
-    args.mode = "medium" if args.medium else "full" if args.full else "quick" if args.quick else "cpu"
+    args.mode = ("medium" if args.medium else "converged" if args.converged else "full" if args.full
+                 else "quick" if args.quick else "cpu")
     preset = MODES[args.mode]
+    args.dense_from = args.dense_from or preset.get("dense_from")
     for key in ("steps", "dense_steps", "train_size", "eval_size", "validation_size", "batch_size", "budgets",
                 "search_settings"):
         if getattr(args, key) is None:
@@ -179,9 +192,16 @@ def settings_of(args) -> dict:
     """Everything that changes the numbers; pieces are only merged when these agree."""
     preset = MODES[args.mode]
     eval_size = args.validation_size if args.eval_on == "validation" else args.eval_size
+    if args.dense_from:  # the dense model's own schedule is in its provenance; these name it
+        provenance = json.loads((Path(args.dense_from) / "provenance.json").read_text())
+        dense = dict(dense_from=Path(args.dense_from).name, dense_commit=provenance.get("git_commit"),
+                     dense_schedule=provenance["schedule"], dense_lr=provenance["schedule"]["lr"],
+                     dense_steps=provenance["schedule"]["steps"])
+    else:
+        dense = dict(dense_steps=args.dense_steps, dense_lr=preset["dense_lr"])
     return dict(mode=args.mode, model=preset["model"], patch_size=preset["patch_size"], image_size=32,
                 train_size=args.train_size, eval_split=args.eval_on, eval_size=eval_size, batch_size=args.batch_size,
-                dense_steps=args.dense_steps, steps=args.steps, dense_lr=preset["dense_lr"], lr=preset["lr"],
+                **dense, steps=args.steps, lr=preset["lr"],
                 search_fraction=args.search_fraction, search_settings=args.search_settings, weight_decay=0.05,
                 schedule="cosine, 5% warm-up",
                 augmentation="random resized crop scale (0.6, 1) + horizontal flip", data=Path(args.data_dir).name)
@@ -271,6 +291,8 @@ def dense_model(args, train_set, test_set) -> tuple[torch.nn.Module, dict]:
     from transformers import ViTForImageClassification, set_seed
 
     preset = MODES[args.mode]
+    if args.dense_from:
+        return loaded_dense_model(Path(args.dense_from), test_set)
     settings = settings_of(args)
     key_fields = {k: settings[k] for k in ("model", "patch_size", "train_size", "batch_size", "dense_steps",
                                           "dense_lr", "weight_decay", "augmentation", "data")}
@@ -298,6 +320,25 @@ def dense_model(args, train_set, test_set) -> tuple[torch.nn.Module, dict]:
     shutil.rmtree(cache, ignore_errors=True)
     tmp.rename(cache)
     C.log(f"dense accuracy {info['accuracy']:.4f} after {seconds / 60:.1f} min")
+    return model, info
+
+
+def loaded_dense_model(folder: Path, test_set) -> tuple[torch.nn.Module, dict]:
+    """The dense model saved by train_dense.py (weights + provenance.json); its accuracy is measured here on this
+    run's test set (the provenance's curve is on the whole test set too)."""
+    from transformers import ViTForImageClassification
+
+    from hf_vit_compress import count_macs, count_params
+
+    if not (folder / "provenance.json").is_file():
+        raise SystemExit(f"--dense-from {folder}: no provenance.json (allowed: a folder train_dense.py wrote)")
+    model = ViTForImageClassification.from_pretrained(folder).eval()
+    provenance = json.loads((folder / "provenance.json").read_text())
+    info = {"accuracy": accuracy(model, test_set), "macs": count_macs(model), "params": count_params(model),
+            "dense_from": str(folder.relative_to(C.REPO)) if folder.is_relative_to(C.REPO) else str(folder),
+            "provenance_test_accuracy": provenance["test_accuracy"], "curve": provenance["curve"],
+            "plateau": provenance["plateau"], "git_commit": provenance.get("git_commit")}
+    C.log(f"dense model loaded from {folder} (accuracy {info['accuracy']:.4f})")
     return model, info
 
 

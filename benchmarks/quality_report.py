@@ -247,7 +247,9 @@ def write_report(results: dict, output_dir: Path, name: str) -> None:
     if dense:
         lines.append(f"Dense model: {json.dumps(settings['model'])}, patch {settings['patch_size']}, 32 px; "
                      f"{dense['macs'] / 1e6:.1f} MMACs, {dense['params'] / 1e6:.3f} M params, trained "
-                     f"{settings['dense_steps']} steps (batch {settings['batch_size']}) on {settings['train_size']} "
+                     f"{settings['dense_steps']} steps (batch {_dense_batch(settings)}"
+                     f"{', ' + settings['dense_from'] if settings.get('dense_from') else ''}) on "
+                     f"{settings['train_size']} "
                      f"training images: **top-1 {100 * dense['accuracy']:.2f}%** on {settings['eval_size']} "
                      f"{_split_words(settings)}.\n")
     lines.append(accuracy_table(results))
@@ -276,6 +278,11 @@ def write_report(results: dict, output_dir: Path, name: str) -> None:
     plot_search(results, output_dir / f"{name}_search.png")
 
 
+def _dense_batch(settings: dict) -> int:
+    """The dense model's batch size: its own schedule's when it was loaded (--dense-from), else the runs'."""
+    return settings.get("dense_schedule", {}).get("batch_size", settings["batch_size"])
+
+
 def _search_settings_words(settings: dict) -> str:
     if settings["search_settings"] == "library":
         return "the library's default OFB/UVC settings; each run's full method config is in the JSON"
@@ -283,6 +290,8 @@ def _search_settings_words(settings: dict) -> str:
 
 
 def accuracy_table(results: dict) -> str:
+    """Median [min, max] top-1 per method and budget, with the median's change from the dense model's top-1."""
+    dense = (results.get("dense") or {}).get("accuracy")
     budgets = sorted({row["budget"] for row in results["summary"]}, reverse=True)
     methods = [m for m in METHODS if any(row["method"] == m for row in results["summary"])]
     header = ["method"] + [f"{b:g} MACs: top-1 % median [min, max] (seeds)" for b in budgets]
@@ -293,8 +302,10 @@ def accuracy_table(results: dict) -> str:
             match = [r for r in results["summary"] if r["method"] == method and r["budget"] == budget]
             if match:
                 r = match[0]
+                drop = f", {100 * (r['median_accuracy'] - dense):+.2f} vs dense" if dense is not None else ""
                 row.append(f"{100 * r['median_accuracy']:.2f} [{100 * r['min_accuracy']:.2f}, "
-                           f"{100 * r['max_accuracy']:.2f}] ({len(r['seeds'])}); MACs {r['median_macs_ratio']:.3f}")
+                           f"{100 * r['max_accuracy']:.2f}] ({len(r['seeds'])}{drop}); MACs "
+                           f"{r['median_macs_ratio']:.3f}")
             else:
                 row.append(None)
         table.append(row)
