@@ -1,6 +1,6 @@
 """Train the converged dense ViT that `quality.py --converged` compresses (CIFAR-10, the medium shape).
 
-    python benchmarks/train_dense.py                       # 45,000 training images, 30 epochs, one core
+    python benchmarks/train_dense.py                       # 45,000 training images, 60 epochs, one core (~2.5 h)
     python benchmarks/train_dense.py --epochs 2 --output /tmp/dense-smoke --limit-train 2048   # smoke run
 
 The run resumes by itself: every `--checkpoint-minutes` (and at every 10% of the schedule) it writes
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=str(C.REPO.parent / "shared" / "data" / "cifar10"))
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="folder of the final model and provenance")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
