@@ -58,14 +58,56 @@ def _skipped_images(dataset, trainer) -> int:
     return int(trainer.accelerator.reduce(torch.tensor(count, device=trainer.args.device), reduction="sum"))
 
 
+def describe_data(data: DataArguments, files) -> str:
+    """The data files (or the dataset) a split comes from, for error messages."""
+    return f"data files {list(files)}" if files else f"data.dataset_name={data.dataset_name!r}"
+
+
 def _load_split(data: DataArguments, split: str, files, streaming: bool):
+    """One split; an empty one (an empty file, a split with no rows) is a `ValueError` naming its files."""
     from .data import load_image_dataset
 
     kwargs = {}
     if data.dataset_config_name is not None:
         kwargs["name"] = data.dataset_config_name
     data_files = {split: list(files)} if files else None
-    return load_image_dataset(data.dataset_name, split, streaming=streaming, data_files=data_files, **kwargs)
+    try:
+        dataset = load_image_dataset(data.dataset_name, split, streaming=streaming, data_files=data_files, **kwargs)
+    except ValueError as error:
+        if "corresponds to no data" not in str(error):  # datasets' words for a split without a row
+            raise
+        dataset = None
+    if dataset is None or (not streaming and len(dataset) == 0):
+        raise ValueError(f"split {split!r} has no examples ({describe_data(data, files)}): an empty file?")
+    return dataset
+
+
+def check_parquet_stream_labels(files, label_column: str, num_labels: int) -> None:
+    """Range-check the label column of local parquet files up front, naming the file and row of a bad label.
+
+    A stream is checked example by example as it is read, after shuffling, where a position names no file; local
+    parquet files can be read column-wise first (one column, no image decoded). Remote or missing files are left
+    to the per-example check.
+    """
+    import numpy as np
+    import pyarrow.parquet as parquet
+
+    for pattern in files:
+        for path in sorted(glob.glob(os.path.expanduser(str(pattern)))):
+            try:
+                labels = parquet.read_table(path, columns=[label_column]).column(label_column)
+            except (OSError, ValueError, KeyError):  # unreadable here, or no such column: the stream names it
+                continue
+            values = labels.to_numpy(zero_copy_only=False)
+            if not np.issubdtype(values.dtype, np.integer):
+                continue  # non-integer labels get their own message from the per-example check
+            bad = np.flatnonzero((values < 0) | (values >= num_labels))
+            if bad.size:
+                raise ValueError(
+                    f"Label {int(values[bad[0]])} in column {label_column!r} at row {int(bad[0])} of {path} is "
+                    f"outside the valid range [0, {num_labels}) (num_labels={num_labels}; {bad.size} such rows "
+                    "in this file)"
+                )
 
 
 def _take(dataset, count: int | None):
@@ -200,7 +242,7 @@ def run_recipe(setup: TrainSetup) -> dict:
     from .data import collate_images, prepare_dataset, shuffle_stream, transforms_from_image_processor
     from .metrics import ImageClassificationMetrics
     from .publish import compression_report, is_hub_dataset_id
-    from .trainer import CompressionTrainer
+    from .trainer import CompressionTrainer, NoTrainingSteps
     from .transforms import image_processor_for_transform
 
     m, d, t, c = setup.model, setup.data, setup.training, setup.compression
@@ -242,6 +284,10 @@ def run_recipe(setup: TrainSetup) -> dict:
     )
 
     # -- datasets ----------------------------------------------------------------------------------------------
+    if d.streaming and d.dataset_name == "parquet":
+        for files in (d.train_files, d.eval_files if eval_raw is not None else None):
+            if files:
+                check_parquet_stream_labels(files, d.label_column, num_labels)
     train = _take(train_raw, d.max_train_samples)
     if d.streaming:
         train = shuffle_stream(train, seed=t.seed, buffer_size=d.shuffle_buffer_size,
@@ -257,6 +303,9 @@ def run_recipe(setup: TrainSetup) -> dict:
     # Map-style data: the Trainer counts its batches itself. A stream: from its known size or the recipe's count.
     steps_per_epoch = None
     examples = _examples_per_epoch(train_raw, d)
+    if examples == 0:
+        raise ValueError(f"the training split {d.train_split!r} has no examples ({describe_data(d, d.train_files)}"
+                         "): an empty file?")
     if d.streaming and examples is not None:
         global_batch = t.per_device_train_batch_size * t.world_size * t.gradient_accumulation_steps
         steps_per_epoch = max(1, math.ceil(examples / global_batch))
@@ -290,7 +339,10 @@ def run_recipe(setup: TrainSetup) -> dict:
         if resume is None:
             raise ValueError(f"training.resume_from_checkpoint={t.resume_from_checkpoint!r}: no complete "
                              f"checkpoint-* folder in {t.output_dir}")
-    train_result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+    except NoTrainingSteps as error:  # nothing is saved: name the data that gave no batch
+        raise ValueError(f"{error} ({describe_data(d, d.train_files)})") from None
     metrics = dict(train_result.metrics)
     if evaluation is not None:
         metrics.update(trainer.evaluate())

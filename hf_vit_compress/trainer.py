@@ -202,6 +202,15 @@ class CompressionTrainer(ResumeChecks, Trainer):
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        except ValueError as error:
+            # accelerate's message for a stream that ends before its first batch names no data: say what happened
+            if self.state.global_step == 0 and "does not contain any data" in str(error):
+                raise NoTrainingSteps(_NO_STEPS_MESSAGE) from error
+            raise
+
     # -- step --------------------------------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         lora = self.lora_recovery
@@ -433,6 +442,14 @@ class CompressionTrainer(ResumeChecks, Trainer):
         return False
 
 
+class NoTrainingSteps(ValueError):
+    """`CompressionTrainer.train()` ran no optimizer step: the training data yielded no batch."""
+
+
+_NO_STEPS_MESSAGE = ("training ran 0 steps: the training data gave no batch (an empty file or stream, or every "
+                     "example skipped), so there is no compressed model to save")
+
+
 class CompressionCallback(TrainerCallback):
     """Drives the method's schedules from the Trainer's state: resumable because all of it is a function of
     `state.global_step` plus the method's checkpointed buffers."""
@@ -503,6 +520,8 @@ class CompressionCallback(TrainerCallback):
                 describe_progress(self.trainer, self.trainer.phase())
 
     def on_train_end(self, args, state, control, **kwargs):
+        if state.global_step == 0:  # e.g. an empty stream: the Trainer stops quietly, the "compressed" model is dense
+            raise NoTrainingSteps(_NO_STEPS_MESSAGE)
         if not self.trainer.method.search_finished:  # stopped before the search's last step
             self.trainer.end_search("train end")
 

@@ -60,12 +60,37 @@ def _array_to_uint8(array: np.ndarray) -> np.ndarray:
     raise ValueError(f"Unsupported image array dtype {array.dtype}; expected uint8, bool, integer or float")
 
 
+_HIGH_BIT_DEPTH_MODES = ("I", "F")
+
+
+def _high_bit_depth_to_8_bit(image: Image.Image) -> Image.Image:
+    """Scale a single-channel 16/32-bit or float PIL image to mode "L" from the range its mode stands for."""
+    values = np.asarray(image).astype(np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode == "F":
+        full_scale, allowed = 1.0, "[0, 1]"
+    elif image.mode == "I" and high <= 255:
+        full_scale, allowed = 255.0, "[0, 65535]"
+    else:  # "I;16", "I;16B", "I;16L", ... and 32-bit "I" images holding 16-bit values
+        full_scale, allowed = 65535.0, "[0, 65535]"
+    if low < 0 or high > full_scale or not np.isfinite(values).all():
+        raise ValueError(
+            f"Image of mode {image.mode!r} has values in [{low:g}, {high:g}]; this mode is read from {allowed} "
+            "(scale it to that range, or convert it to 8 bits yourself)"
+        )
+    return Image.fromarray(np.rint(values * (255.0 / full_scale)).astype(np.uint8), mode="L")
+
+
 def to_rgb_image(image: ImageLike) -> Image.Image:
     """Convert an image of any supported kind to a PIL RGB image, or raise a clear `ValueError`.
 
     Args:
         image (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, nested list or `dict`):
-            - PIL images of any mode (`"L"`, `"RGBA"`, `"P"`, ...) are converted with `Image.convert("RGB")`.
+            - PIL images of any 8-bit mode (`"L"`, `"RGBA"`, `"P"`, ...) are converted with `Image.convert("RGB")`.
+              High-bit-depth modes are first scaled to 8 bits from their real range, because PIL's own
+              conversion clips them at 255 (a 16-bit photo turns white): `"I;16*"` from [0, 65535]; `"I"` from
+              [0, 255] when its values fit there, else from [0, 65535]; `"F"` from [0, 1], the float convention
+              used for arrays too. Values outside that range raise a `ValueError` naming the mode and range.
             - numpy arrays / nested lists are channels-last, like PIL: `(H, W)` or `(H, W, C)`.
             - torch tensors are channels-first, like torch: `(H, W)` or `(C, H, W)`.
             - `{"bytes": ..., "path": ...}` dicts (undecoded `datasets.Image` values) are decoded first.
@@ -77,6 +102,8 @@ def to_rgb_image(image: ImageLike) -> Image.Image:
         `PIL.Image.Image` in mode `"RGB"`.
     """
     if isinstance(image, Image.Image):
+        if image.mode in _HIGH_BIT_DEPTH_MODES or image.mode.startswith("I;16"):
+            image = _high_bit_depth_to_8_bit(image)
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, Mapping):
         # Streams without known features yield the raw `datasets.Image` storage format.
