@@ -28,8 +28,8 @@ if str(REPO) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO))
 
 from hf_vit_compress import Architecture, LayerArchitecture  # noqa: E402
-from hf_vit_compress.flops import geometry, macs_from_widths  # noqa: E402
-from hf_vit_compress.targets import model_parts  # noqa: E402
+from hf_vit_compress.surgery.flops import geometry, macs_from_widths  # noqa: E402
+from hf_vit_compress.surgery.targets import model_parts  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------
 # Machine / provenance
@@ -468,7 +468,7 @@ def tp_prune(model, ratio: float, importance: str = "magnitude", example_inputs:
 
 def tp_ratio_for(dense_model, target_flops: float) -> tuple[float, dict]:
     """The smallest uniform pruning ratio whose (predicted) MACs are within the budget, by bisection on the ratio."""
-    from hf_vit_compress.flops import dense_macs
+    from hf_vit_compress.surgery.flops import dense_macs
 
     target = target_flops * dense_macs(dense_model)
     low, high = 0.0, 0.99
@@ -488,7 +488,7 @@ def tp_pruned_to_budget(dense_model, target_flops: float, importance: str = "mag
     by a small step and prune a fresh copy again (up to `max_tries`). Returns (model, ratio, tries)."""
     import copy
 
-    from hf_vit_compress.flops import dense_macs
+    from hf_vit_compress.surgery.flops import dense_macs
 
     target = target_flops * dense_macs(dense_model)
     ratio, _ = tp_ratio_for(dense_model, target_flops)

@@ -291,7 +291,7 @@ def build_model(name: str):
     if name == "demo-tiny":
         from transformers import ViTForImageClassification
 
-        from hf_vit_compress.demo import tiny_vit_config
+        from hf_vit_compress.cli.demo import tiny_vit_config
 
         torch.manual_seed(0)
         return ViTForImageClassification(tiny_vit_config())

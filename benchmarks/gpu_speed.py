@@ -20,7 +20,7 @@ What is measured (bfloat16 by default, `torch.inference_mode()`, random weights)
   of one budget) run in the order of `--compile-budgets` while `--time-budget` allows: the first one whenever time
   is left, each later one if its cost, estimated from the compiles so far, fits; one that would overrun is listed
   as not run.
-* sdpa backend: "predicted" from the shapes (`hf_vit_compress.kernels`, every backend each layer allows); on CUDA
+* sdpa backend: "predicted" from the shapes (`surgery.kernels`, every backend each layer allows); on CUDA
   "torch" is `torch.backends.cuda.can_use_*` for the same shapes; "ran" is what one profiled forward dispatched
   (aten sdpa op names, per layer call; "decomposed" when torch.compile turned the math path into plain kernels).
 * Memory (CUDA, eager): `torch.cuda.max_memory_allocated` during one forward above what was allocated before it.
@@ -42,7 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from hf_vit_compress.kernels import BACKENDS, FUSED_BACKENDS, cross_check_shapes, sdpa_backend_reasons  # noqa: E402
+from hf_vit_compress.surgery.kernels import BACKENDS, FUSED_BACKENDS, cross_check_shapes, sdpa_backend_reasons  # noqa: E402
 
 SHAPES = {name: dict(model=shape, image_size=224, patch_size=16) for name, shape in C.DEIT_SHAPES.items()}
 # --quick: head dim 64 and MLP 512, so the kernel-friendly rounding applies as on DeiT, at 64 px (17 tokens)
@@ -151,7 +151,7 @@ def attention_shapes(shapes: dict) -> list[tuple[int, int, int]]:
 
 
 def predicted_backends(shapes: dict, dtype: torch.dtype) -> dict:
-    """Backends every attention block allows, and the blocks only the math path takes (hf_vit_compress.kernels)."""
+    """Backends every attention block allows, and the blocks only the math path takes (surgery.kernels)."""
     allowed, math_only = set(BACKENDS), []
     for index, (_, qk, v) in enumerate(attention_shapes(shapes)):
         reasons = sdpa_backend_reasons(qk, v, dtype)
@@ -431,7 +431,7 @@ def write_markdown(path: Path, results: dict) -> None:
         [f"settings: {settings}", f"wall time: {results.get('wall_seconds', 0) / 60:.1f} min",
          "speedup = median over rounds of the paired t_dense / t_variant (dense in the same mode); ideal = dense MACs "
          "/ variant MACs; sdpa ran = the aten sdpa op of each attention call in one profiled forward; predicted = "
-         "backends every block's head dims allow (hf_vit_compress.kernels)"])]
+         "backends every block's head dims allow (hf_vit_compress.surgery.kernels)"])]
     headline = [r for c in results["cells"] if c["batch"] == 256 for r in c["rows"] if r["budget"] == 0.5]
     if headline:
         lines.append("**Batch 256, 50% MACs, speedup/ideal**: " + "; ".join(

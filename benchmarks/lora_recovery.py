@@ -14,8 +14,9 @@ seed 0. Per method (OFB, UVC) three fine-tuning variants follow the same search:
              adapters at the same lr;
 * lora-lr10: the same with the adapters' lr 10x (`lora.learning_rate`), since LoRA usually wants a larger one.
 
-The search is the same (finetune="lora" bypasses the adapters while searching; tests/test_peft_recovery.py checks
-the losses are identical), which the table shows as identical top-1 before fine-tuning and identical shapes.
+The search is the same (finetune="lora" bypasses the adapters while searching;
+tests/training/test_peft_recovery.py checks the losses are identical), which the table shows as identical top-1
+before fine-tuning and identical shapes.
 Per run: top-1 of the exported model, top-1 right after the search, trainable parameters in the fine-tuning phase,
 bytes of gradients (summed before the optimizer step) and of optimizer state (after it) in that phase, and the
 median wall time of a fine-tuning step (the JSON also holds the kernel's per-step peak-RSS figure, which on CPU

@@ -19,7 +19,7 @@ Method:
   step end; "training memory" = that peak minus the process's RSS after imports and before the model was built
   (weights, gradients, optimizer state, gates, teacher, activations, allocator caches); median over steps. On a GPU:
   `torch.cuda.max_memory_allocated` per step (minus the allocation before the model) instead.
-* Demo: `hf_vit_compress.demo.run_demo(DemoSettings())` (default settings) in a fresh process, or the timings of an
+* Demo: `hf_vit_compress.cli.demo.run_demo(DemoSettings())` (default settings) in a fresh process, or the timings of an
   existing demo `report.json` (`--demo-report`).
 """
 
@@ -95,7 +95,7 @@ def build_model(name: str):
     if name == "demo-tiny":
         from transformers import ViTForImageClassification
 
-        from hf_vit_compress.demo import DemoSettings, tiny_vit_config
+        from hf_vit_compress.cli.demo import DemoSettings, tiny_vit_config
 
         torch.manual_seed(0)
         return ViTForImageClassification(tiny_vit_config()), DemoSettings().batch_size
@@ -185,7 +185,7 @@ def run_worker(args, kind: str, model: str) -> dict:
 def demo_worker(output_dir: str, threads: int) -> None:
     if threads:
         torch.set_num_threads(threads)
-    from hf_vit_compress.demo import DemoSettings, run_demo
+    from hf_vit_compress.cli.demo import DemoSettings, run_demo
 
     started = time.perf_counter()
     report = run_demo(DemoSettings(output_dir=output_dir, progress=False))

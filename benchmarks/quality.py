@@ -252,7 +252,9 @@ def load_data(args):
 
 
 def accuracy(model, dataset, batch_size: int = 500) -> float:
-    from hf_vit_compress.metrics import evaluate_classifier  # the package's own evaluation loop (top-1 by argmax)
+    from hf_vit_compress.publishing.metrics import (
+        evaluate_classifier,  # the package's own evaluation loop (top-1 by argmax)
+    )
 
     with torch.no_grad():
         return evaluate_classifier(model, dataset, batch_size=batch_size)["accuracy"]
@@ -389,7 +391,7 @@ def search_overrides(args, method: str, train_size: int) -> dict:
     with `--search-settings short` the short-search constants above, with `library` none; command-line overrides
     on top of either."""
     from hf_vit_compress import CompressionConfig
-    from hf_vit_compress.demo import apply_short_run_settings
+    from hf_vit_compress.cli.demo import apply_short_run_settings
 
     overrides = {}
     if args.search_settings == "short":

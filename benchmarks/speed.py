@@ -222,7 +222,7 @@ def cross_checks(dense, variants) -> None:
     """MACs: analytic == FlopCounterMode (eager attention) for every variant; ours: exported logits == the dense
     model's logits under the architecture's hard masks."""
     from hf_vit_compress import apply_architecture
-    from hf_vit_compress.flops import measured_macs
+    from hf_vit_compress.surgery.flops import measured_macs
 
     pixel_values = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     for variant in variants:

@@ -1,28 +1,29 @@
 """hf_vit_compress: compress Hugging Face ViT/DeiT image classifiers under a FLOPs budget (OFB, UVC) and export
 really smaller models that load with `trust_remote_code=True`."""
 
-from .architecture import Architecture, LayerArchitecture
 from .config import CompressionConfig, OFBConfig, UVCConfig
-from .export import export_compressed_model, save_atomically
-from .flops import count_macs, count_params
-from .gating import apply_architecture
 from .modeling import CompressedViTConfig, CompressedViTForImageClassification
+from .publishing.saving import save_atomically
+from .surgery.architecture import Architecture, LayerArchitecture
+from .surgery.export import export_compressed_model
+from .surgery.flops import count_macs, count_params
+from .surgery.gating import apply_architecture
 
 __version__ = "0.1.0"
 
 
 #: imported only when asked for (the trainer pulls in transformers.Trainer/accelerate, the others the Hub client)
 _LAZY = {
-    "CompressionTrainer": "trainer",
-    "CompressionCallback": "trainer",
-    "compute_metrics": "metrics",
-    "ImageClassificationMetrics": "metrics",
-    "push_compressed_folder": "publish",
-    "save_compressed_model": "publish",
-    "build_model_card": "card",
-    "export_onnx": "onnx_export",
-    "verify_compressed_folder": "verify",
-    "load_compressed_model": "verify",
+    "CompressionTrainer": "training.trainer",
+    "CompressionCallback": "training.trainer",
+    "compute_metrics": "publishing.metrics",
+    "ImageClassificationMetrics": "publishing.metrics",
+    "push_compressed_folder": "publishing.publish",
+    "save_compressed_model": "publishing.publish",
+    "build_model_card": "publishing.card",
+    "export_onnx": "publishing.onnx_export",
+    "verify_compressed_folder": "publishing.verify",
+    "load_compressed_model": "publishing.verify",
 }
 
 

@@ -16,18 +16,26 @@ download), seeded with ``torch.manual_seed`` and returned in eval mode.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
+import datasets
+import numpy as np
 import pytest
 import torch
 from transformers import (
     DeiTConfig,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
+    TrainingArguments,
     ViTConfig,
     ViTForImageClassification,
 )
 
+from hf_vit_compress.config import CompressionConfig
+from hf_vit_compress.methods.uvc.method import UVCMethod
 from hf_vit_compress.modeling import CompressedViTConfig, CompressedViTForImageClassification
+from hf_vit_compress.surgery.gating import install_gates
+from hf_vit_compress.training.trainer import CompressionTrainer
 
 IMAGE_SIZE = 16
 PATCH_SIZE = 4
@@ -240,3 +248,104 @@ def one_torch_thread():
     yield
     torch.set_num_threads(previous)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI runs: a tiny saved ViT and parquet shards (module-scoped `assets`), recipe overrides (shared by several folders)
+# ---------------------------------------------------------------------------------------------------------------
+def write_parquet_shards(folder: Path, image_size: int = 20) -> dict[str, list[str]]:
+    """Two train shards of 8 examples and one validation shard of 4: random RGB images, 5 classes."""
+    rng = np.random.default_rng(0)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=5)})
+    files = {"train": [], "validation": []}
+    for name, split, count in (("train-0", "train", 8), ("train-1", "train", 8), ("val-0", "validation", 4)):
+        images = [rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8) for _ in range(count)]
+        dataset = datasets.Dataset.from_dict({"image": images, "label": [i % 5 for i in range(count)]},
+                                             features=features)
+        path = folder / f"{name}.parquet"
+        dataset.to_parquet(str(path))
+        files[split].append(str(path))
+    return files
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli_assets")
+    make_vit_classifier().save_pretrained(folder / "tiny_vit")
+    (folder / "data").mkdir()
+    return {"model": str(folder / "tiny_vit"), **write_parquet_shards(folder / "data")}
+
+
+def tiny_overrides(assets, output_dir: Path) -> list[str]:
+    """Everything a recipe needs changed to run here in seconds (the recipe's other values stay)."""
+    return [
+        "--model.model_name_or_path", assets["model"],
+        "--data.dataset_name", "parquet",
+        "--data.train_files", *assets["train"],
+        "--data.eval_files", *assets["validation"],
+        "--data.shuffle_buffer_size", "16",
+        "--data.shuffle_buffer_input_shards", "1",
+        "--training.output_dir", str(output_dir),
+        "--training.per_device_train_batch_size", "4",
+        "--training.per_device_eval_batch_size", "4",
+        "--training.dataloader_num_workers", "0",
+        "--training.save_strategy", "no",
+        "--training.use_cpu", "true",
+        "--training.disable_tqdm", "true",
+        "--training.logging_steps", "1",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CompressionTrainer runs on random tensors (shared by several folders)
+# ---------------------------------------------------------------------------------------------------------------
+def tiny_dataset(size: int = 40, seed: int = 0) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        {"pixel_values": torch.randn(3, 16, 16, generator=generator), "labels": int(i % NUM_LABELS)}
+        for i in range(size)
+    ]
+
+
+def training_args(output_dir, **overrides) -> TrainingArguments:
+    values = dict(
+        output_dir=str(output_dir), max_steps=30, per_device_train_batch_size=8, learning_rate=1e-3,
+        logging_steps=5, save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False,
+        dataloader_num_workers=0, disable_tqdm=True, seed=0, data_seed=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def ofb_trainer(output_dir, config: CompressionConfig, dataset_size: int = 40, **overrides) -> CompressionTrainer:
+    return CompressionTrainer(
+        model=make_vit_classifier(seed=0), args=training_args(output_dir, **overrides), compression_config=config,
+        train_dataset=tiny_dataset(dataset_size),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# UVC on a tiny ViT, in the paper's search space unless told otherwise (shared by several folders)
+# ---------------------------------------------------------------------------------------------------------------
+def tiny_vit(layers: int = 3, seed: int = 0) -> ViTForImageClassification:
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64, image_size=16,
+        patch_size=4, num_labels=NUM_LABELS,
+    )
+    return ViTForImageClassification(config).eval()
+
+
+def uvc_config(target: float = 0.5, **uvc) -> CompressionConfig:
+    """The paper's search space (`prune_hidden=False`, `shared_head_dims=False`) unless given: this file pins the
+    paper's formulas; the defaults (the residual width searched too, q/k dims pruned with the value dims) run end to
+    end below and in tests/methods/test_uvc_hidden.py, tests/methods/test_uvc_shared_dims.py."""
+    uvc.setdefault("prune_hidden", False)
+    uvc.setdefault("shared_head_dims", False)
+    return CompressionConfig(method="uvc", target_flops=target, uvc=uvc)
+
+
+def gated(model, config: CompressionConfig) -> UVCMethod:
+    method = UVCMethod(model, config)
+    install_gates(model, method)
+    model.add_module("compression", method)
+    return method

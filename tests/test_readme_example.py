@@ -10,11 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_vit_classifier
-from test_cli import write_parquet_shards
+from conftest import make_vit_classifier, write_parquet_shards
 
 from hf_vit_compress.cli import main
-from hf_vit_compress.publish import check_publishable
+from hf_vit_compress.publishing.publish import check_publishable
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

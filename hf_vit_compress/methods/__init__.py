@@ -1,26 +1,25 @@
-"""Compression methods. Each is a `CompressionMethod` (see base.py); `build_method` picks one by name."""
+"""Compression methods: `base.CompressionMethod` (the interface), `registry` (name -> method: `register_method`;
+`base.build_method` builds one), and one folder per method (`ofb/`, `uvc/`).
 
-from __future__ import annotations
+Kept free of imports at module level: `hf_vit_compress.config` imports the methods' settings and the registry, and
+the methods import the config.
+"""
 
-from torch import nn
-
-from ..config import CompressionConfig
-from .base import CompressionMethod
-
-
-def build_method(model: nn.Module, config: CompressionConfig) -> CompressionMethod:
-    """Instantiate the method named by `config.method` for `model` (the config is validated again first: a list
-    field may have been changed in place)."""
-    config.validate()
-    if config.method == "ofb":
-        from .ofb import OFBMethod
-
-        return OFBMethod(model, config)
-    if config.method == "uvc":
-        from .uvc import UVCMethod
-
-        return UVCMethod(model, config)
-    raise ValueError(f"CompressionConfig.method={config.method!r} is not implemented; allowed: 'ofb', 'uvc'")
+_LAZY = {
+    "CompressionMethod": "base",
+    "build_method": "base",
+    "register_method": "registry",
+    "registered_methods": "registry",
+    "unregister_method": "registry",
+}
 
 
-__all__ = ["CompressionMethod", "build_method"]
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY)

@@ -25,12 +25,13 @@ import hashlib
 import torch
 from torch import nn
 
-from ..architecture import Architecture
 from ..config import CompressionConfig
-from ..device_logs import LogWindow
-from ..flops import Geometry, architecture_macs, dense_macs, geometry
-from ..gating import Masks, architecture_masks
-from ..targets import ModelParts, model_parts
+from ..surgery.architecture import Architecture
+from ..surgery.flops import Geometry, architecture_macs, dense_macs, geometry
+from ..surgery.gating import Masks, architecture_masks
+from ..surgery.targets import ModelParts, model_parts
+from ..training.device_logs import LogWindow
+from .registry import method_entry
 
 
 class CompressionMethod(nn.Module):
@@ -213,3 +214,10 @@ class CompressionMethod(nn.Module):
         self._final_masks = None
         self._finalized = bool(self.finalized)
         self.final_architecture = self.decide() if self._finalized else None
+
+
+def build_method(model: nn.Module, config: CompressionConfig) -> CompressionMethod:
+    """Instantiate the method registered under `config.method` for `model` (the config is validated again first: a
+    list field may have been changed in place)."""
+    config.validate()
+    return method_entry(config.method).load_class()(model, config)

@@ -37,7 +37,7 @@ class CompressedViTConfig(PreTrainedConfig):
             Informational, written by the exporter: per dtype (`"bfloat16"`, `"float32"`), the
             `scaled_dot_product_attention` backends of CUDA GPUs that every block's head dims allow
             (`sdpa_backends`), the blocks only the unfused math path takes (`math_only_layers`) and the GEMM widths
-            that are not multiples of the tensor-core alignment (`unaligned_widths`); see `hf_vit_compress.kernels`.
+            that are not multiples of the tensor-core alignment (`unaligned_widths`); see `surgery/kernels.py`.
     """
 
     model_type = "compressed_vit"

@@ -1,5 +1,5 @@
 """LoRA recovery (`CompressionConfig.finetune="lora"`) in 2 data-parallel CPU processes (gloo); launched by
-tests/test_peft_recovery.py with
+tests/training/test_peft_recovery.py with
 
     python -m torch.distributed.run --nproc_per_node 2 tests/scripts/ddp_lora.py OUT_DIR
 
@@ -26,7 +26,7 @@ from ddp_search import IMAGE_SIZE, MAX_STEPS, StopAt, compression_config, tiny_d
 from transformers import TrainerCallback, TrainingArguments
 
 from hf_vit_compress.data import collate_images
-from hf_vit_compress.trainer import CompressionTrainer
+from hf_vit_compress.training.trainer import CompressionTrainer
 
 STOP_AT = 7
 

@@ -1,4 +1,4 @@
-"""A short OFB search in 2 data-parallel CPU processes (gloo); launched by tests/test_distributed.py with
+"""A short OFB search in 2 data-parallel CPU processes (gloo); launched by tests/training/test_distributed.py with
 
     python -m torch.distributed.run --nproc_per_node 2 tests/scripts/ddp_search.py OUT_DIR
 
@@ -30,7 +30,7 @@ from transformers import TrainerCallback, TrainingArguments, ViTConfig, ViTForIm
 
 from hf_vit_compress import CompressionConfig, count_macs
 from hf_vit_compress.data import EvalImageTransform, collate_images, prepare_dataset
-from hf_vit_compress.trainer import CompressionTrainer
+from hf_vit_compress.training.trainer import CompressionTrainer
 
 MAX_STEPS = 8  # 2 epochs of 4 steps (32 examples, 2 ranks x batch 4)
 STOP_AT = 3

@@ -1,5 +1,5 @@
 """What a Hub user does with a compressed model and peft, in a process where hf_vit_compress cannot be imported
-(the model classes come from the folder's modeling files: `trust_remote_code=True`). Run by tests/test_peft.py:
+(the model classes come from the folder's modeling files: `trust_remote_code=True`). Run by tests/training/test_peft.py:
 
     python tests/scripts/peft_hub_user.py adapt WORK_DIR MODEL_DIR [MODEL_DIR ...]
     python tests/scripts/peft_hub_user.py load WORK_DIR MODEL_DIR [MODEL_DIR ...]
