@@ -503,7 +503,7 @@ def tp_pruned_to_budget(dense_model, target_flops: float, importance: str = "mag
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Experimental export variant (benchmark-side only; see benchmarks/results/speed_fusion.md)
+# Experimental export variant (benchmark-side only; see benchmarks/results/archive/speed_fusion.md)
 # ---------------------------------------------------------------------------------------------------------------
 
 

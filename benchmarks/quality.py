@@ -383,7 +383,7 @@ class AccuracyAtSearchEnd(TrainerCallback):
 #: * OFB: none since issue 13 (its budget is held by a dual variable and its architecture lr follows the search
 #:   length). Before, with the paper's fixed FLOPs weight: architecture lr 5e-2 with weight 5: 50.30 / 45.15%
 #:   (results/quality_cpu.md); the demo's 1e-2 with weight 500: 47.75 / 46.65%
-#:   (results/quality_cpu_ofb_demo_settings.md).
+#:   (results/archive/quality_cpu_ofb_demo_settings.md).
 
 
 def search_overrides(args, method: str, train_size: int) -> dict:
@@ -411,7 +411,8 @@ def search_overrides(args, method: str, train_size: int) -> dict:
         overrides["ofb.elimination_rounds"] = args.ofb_elimination_rounds
     elif args.ofb_elimination_rounds:
         # Eliminate every search_steps / N steps instead of the paper's 3 rounds per epoch. With N = 30 modules
-        # were finalised early and budget 0.3 ended at 0.14-0.20 of the MACs (results/quality_cpu_ofb_30rounds.json).
+        # were finalised early and budget 0.3 ended at 0.14-0.20 of the MACs
+        # (results/archive/quality_cpu_ofb_30rounds.json).
         steps_per_epoch = math.ceil(train_size / args.batch_size)
         search_steps = max(1, math.ceil(args.search_fraction * args.steps))
         interval = max(1, search_steps // args.ofb_elimination_rounds)

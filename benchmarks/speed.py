@@ -20,7 +20,7 @@ What is measured (see benchmarks/README.md for the full method):
   ideal = dense MACs / variant MACs; the headline is speedup / ideal.
 * Allocator: glibc's default by default. `--malloc no-mmap` re-runs with MALLOC_MMAP_THRESHOLD_ and
   MALLOC_TRIM_THRESHOLD_ at 4 GiB: freed activation buffers are then reused instead of being unmapped and
-  page-faulted in again by the next forward (results/speed_malloc.md).
+  page-faulted in again by the next forward (results/archive/speed_malloc_default.md, speed_malloc_no-mmap.md).
 * Peak memory: a fresh subprocess per (variant, batch, attention) loads the pickled model, builds the input,
   records VmRSS, resets the kernel's peak-RSS counter (`echo 5 > /proc/self/clear_refs`), runs one forward and
   reads VmHWM: "peak extra" = VmHWM - VmRSS before the forward (activations, workspaces, caches of that forward);

@@ -69,8 +69,7 @@ class CompressionConfig(Validated):
         target_gmacs: the budget as absolute GMACs per image (optional, explicit alternative).
         search_fraction: share of the training steps spent searching; the rest fine-tunes the fixed architecture
             (1.0 = search only). Default 0.2, the papers' proportion (OFB searches 100 of 400 epochs, UVC 30 of
-            150-180); on the medium CIFAR-10 benchmark it was a small net gain over 0.5, not at every budget
-            (benchmarks/results/quality_medium.md vs quality_medium_search50.md).
+            150-180).
         distillation_alpha: weight a of the teacher's soft KL in (1 - a) * CE + a * T^2 * KL, when a teacher is
             used (always for UVC: by default a frozen copy of the dense model; for OFB only if `teacher=` is given).
         distillation_temperature: temperature T of the teacher's and student's softened softmaxes.

@@ -17,9 +17,8 @@ class OFBConfig(Validated):
     Args:
         prune_heads: search the number of heads (the paper's space: candidates `head_choices`). False (default, a
             deviation): every candidate keeps all H heads and the search narrows them (`head_dim_ratios`), as
-            one-shot pruners do; on the medium CIFAR-10 benchmark (test split, 3-seed medians) 53.85% / 52.20% top-1
-            at 50% / 30% MACs against 52.15 / 51.85 with head counts searched (benchmarks/results/quality_medium.md,
-            quality_medium_ofb_head_counts.md). Explicit `head_choices` are used either way.
+            one-shot pruners do: it scored higher on the CIFAR-10 benchmark (docs/methods.md). Explicit
+            `head_choices` are used either way.
         head_choices: candidate numbers of heads; None = H alone without `prune_heads`, else every even count up to
             H (plus H itself), or 1..H when H <= 4 (DeiT-T's 3 heads, tiny test models).
         head_dim_ratios: candidate per-head q/k/v widths as fractions of head_dim.

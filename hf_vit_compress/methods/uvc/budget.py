@@ -17,8 +17,7 @@ blocks give up more. One Newton step per optimizer step (R is bilinear in the co
 form) keeps R on B, 30 when the method is built. The masks keep the ceiled counts, up to a whole head per block
 fewer than the continuous ones, so the continuous R is held at B + an offset that integrates the masks' gap to B
 (`OFFSET_RATE` of it per step): the masks' R settles on B without a unit flipping every step. Nothing is read back
-from the device. On the medium benchmark's validation split it held the budget but did not beat the dual
-(benchmarks/results/quality_medium_tuning_val.md).
+from the device. It holds the budget but has not beaten the dual on the benchmarks (docs/methods.md).
 """
 
 from __future__ import annotations

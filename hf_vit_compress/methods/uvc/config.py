@@ -30,25 +30,19 @@ class UVCConfig(Validated):
             back the best blocks of units that fit). Multiples of 8 are what the fused sdpa kernels
             (memory-efficient, cuDNN) and bf16 tensor-core GEMMs need (`surgery.kernels`); UVC's value head
             dim differs from its q/k head dim, which flash attention does not take. 1 keeps the spec's unit
-            granularity (on CPU it was as fast, benchmarks/results/speed_uvc_rounding.md; on a GPU such widths
-            forced sdpa's math fallback).
+            granularity (as fast on CPU; on a GPU such widths force sdpa's math fallback).
         prune_hidden: also search the residual (embedding) width D, beyond the paper's space: one global count of
             removed residual channels, ranked by the squared norm of every weight that uses the channel, with its
             own least-k group, dual, term in R and proximal shrink; exported as the kept hidden channels (the
-            LayerNorms then normalise the kept channels only). On by default: on the medium CIFAR-10 benchmark it
-            scored 50.80% top-1 at 30% MACs against 49.05% without (51.80 / 52.25 at 50%; test split, 3 seeds,
-            searching half the steps) and 52.60 against 50.40 (53.85 / 54.00 at 50%; validation split, seed 0,
-            searching a fifth), though the search kept the full residual width there; False restores the paper's
-            search space and (with `shared_head_dims=False`) a cheaper search step (1.35x a plain step's operators
-            instead of 1.50x on DeiT-S, benchmarks/results/dispatch.md).
+            LayerNorms then normalise the kept channels only). On by default: it scored higher at 30% MACs on the
+            CIFAR-10 benchmark (docs/methods.md); False restores the paper's search space and (with
+            `shared_head_dims=False`) a cheaper search step (benchmarks/results/dispatch.md).
         shared_head_dims: the head-dim count removes each dim from the queries and keys as well as from the values
             (beyond the paper's space, which prunes value dims only and keeps every q/k dim of a kept head): a dim's
             group is then its o_proj column and its q_proj and k_proj rows, scored, shrunk and priced together, and
-            the exported q/k and value head dims are equal (which flash attention needs). On by default: on the
-            medium CIFAR-10 benchmark (test split, 3-seed medians) it scored 54.20% / 53.85% top-1 at 50% / 30%
-            MACs against 52.80 / 50.55 with value dims only, level with / above Torch-Pruning's best (54.20 /
-            52.65; benchmarks/results/quality_medium.md, quality_medium_uvc_value_dims.md); False restores the
-            paper's space.
+            the exported q/k and value head dims are equal (which flash attention needs). On by default: it scored
+            higher than value dims only on the CIFAR-10 benchmark (docs/methods.md); False restores the paper's
+            space.
         theta_lr, theta_momentum: SGD settings of the skip-gate logits.
         theta_budget_weight: weight of z * dR/dtheta in theta's gradient.
         dual_lr: ascent step of the group duals y and p.
