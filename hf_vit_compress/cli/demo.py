@@ -138,6 +138,7 @@ def run_demo(settings: DemoSettings) -> dict:
 
 
 def _run_demo(settings: DemoSettings) -> dict:
+    # Long on purpose: the demo's steps in the order a user reads them (data, dense, search, fine-tune, report).
     if settings.num_threads:
         torch.set_num_threads(settings.num_threads)
     output_dir = Path(settings.output_dir)

@@ -237,7 +237,7 @@ def run_recipe(setup: TrainSetup) -> dict:
     """
     from transformers import set_seed
 
-    from ..training.trainer import NoTrainingSteps
+    from ..training.callback import NoTrainingSteps
 
     d, t = setup.data, setup.training
     set_seed(t.seed)

@@ -258,6 +258,7 @@ def uvc_figure(history: Sequence[Mapping], architecture: Mapping | None = None,
     Returns:
         `matplotlib.figure.Figure`.
     """
+    # Long on purpose: one panel after another, each a few plotting calls.
     blocks = _uvc_blocks(history)
     figure = _new_figure(14, 7)
     axes = figure.subplots(2, 3, sharex=True, squeeze=False)

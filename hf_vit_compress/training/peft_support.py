@@ -133,7 +133,7 @@ class LoRARecovery:
     backbone's weights and the method's parameters (OFB's per-unit scales stay as the search left them), whose
     optimizer state it drops.
 
-    The gates (gating.py) scale the output units of q/k/v/fc1 by folding the mask into that Linear's weight rows,
+    The gates (surgery/gating.py) scale the output units of q/k/v/fc1 by folding the mask into that Linear's rows,
     and peft adds the LoRA update outside that Linear, so the update's B gets the same gate (`GateHandle.gate_like`):
     the layer computes m * (W x + b + s B A x), which is what the exported Linear with rows m * (W + s B A)
     computes. Ungated, the adapters would write into pruned units and train a function that export cannot keep. The

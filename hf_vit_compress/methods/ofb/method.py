@@ -4,7 +4,7 @@ Every searchable module (per block: attention over a (heads x head-dim) grid, ML
 width) holds importance logits s (S = sigmoid(s), one per unit) and architecture logits alpha (one per candidate
 width). Units are ranked by S; the sparsity score of the unit at rank rho is V_rho = sum_k p_k [width_k > rho]
 with p = softmax(alpha over active candidates); the unit's output is scaled by m = lambda * S + (1 - lambda) * V.
-The modules and their formulas are in `ofb_modules` (all blocks of a kind batched in one module); this file holds
+The modules and their formulas are in `modules.py` (all blocks of a kind batched in one module); this file holds
 the method: schedules, losses, elimination and decisions.
 """
 

@@ -22,7 +22,7 @@ from the device. It holds the budget but has not beaten the dual on the benchmar
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -71,8 +71,24 @@ def project_counts_to_budget(counts: Sequence[torch.Tensor], count_max: Sequence
 
 
 class UVCBudget:
-    """R and its gradients for `UVCMethod` (a mixin: it reads the method's geometry, counts, skip-gate logits and
-    settings)."""
+    """R and its gradients for `UVCMethod` (a mixin).
+
+    The contract with the class it is mixed into: the attributes annotated below, plus
+    `_gate_probabilities()` (`UVCMethod`: the noise-free run probabilities of the blocks).
+    """
+
+    # -- provided by UVCMethod / CompressionMethod ------------------------------------------------------------
+    config: Any  # CompressionConfig
+    geometry: Any  # surgery.flops.Geometry
+    target_macs: float
+    dense_macs: int
+    prune_hidden: bool
+    counts: torch.Tensor  # (L, 3) heads / MLP units / value dims removed, continuous
+    count_max: torch.Tensor  # (L, 3) their upper bounds
+    hidden_count: torch.Tensor  # residual channels removed (prune_hidden)
+    hidden_count_max: torch.Tensor
+    theta: torch.Tensor  # (L, 2) skip / run logits
+    budget_offset: torch.Tensor  # budget_control="projection": the continuous R's offset from B
 
     @property
     def target_ratio(self) -> float:
@@ -183,7 +199,7 @@ class UVCBudget:
     @torch.no_grad()
     def _project_to_budget(self, ratio_and_gradients: tuple | None = None) -> None:
         """One Newton step of the counts (and the residual count) towards the continuous R = B + `budget_offset`
-        along the budget's gradient in the counts' step space (`uvc_budget`); `ratio_and_gradients`: R and
+        along the budget's gradient in the counts' step space (`budget.py`); `ratio_and_gradients`: R and
         dR/dcounts, dR/ds_D of `_ratio_and_gradients(ceil=False)` when the caller has them."""
         ratio, d_counts, _, d_hidden = self._ratio_and_gradients(ceil=False) if ratio_and_gradients is None \
             else ratio_and_gradients

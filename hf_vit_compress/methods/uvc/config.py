@@ -49,7 +49,7 @@ class UVCConfig(Validated):
         budget_control: how the counts meet the budget. `"dual"` (the paper's): through the budget dual z's term
             in their gradient. `"projection"` (a deviation): the counts step on the group terms alone, then one
             Newton step moves them along the budget's gradient back onto R = B after every step (plus an offset
-            that brings the masks' ceiled counts onto B; `methods/uvc_budget.py`), so R does not overshoot; z still
+            that brings the masks' ceiled counts onto B; `methods/uvc/budget.py`), so R does not overshoot; z still
             prices the blocks' skip gates.
         budget_dual_update: how the budget dual z ascends. `"log"` (default, a deviation from the spec): in log
             space, z <- z * exp(eta * (R - B)) with eta = `budget_dual_log_lr`, so z reaches whatever scale the

@@ -1,11 +1,13 @@
 """UVC's decisions: the hard architecture of the search's counts and skip-gate logits, projected to the budget
-(`uvc_projection`), and the final architecture kept in the method's buffers so that a reload reproduces it.
+(`projection.py`), and the final architecture kept in the method's buffers so that a reload reproduces it.
 
 `UVCDecisions` is the part of `UVCMethod` that decides (a mixin: it reads the method's geometry, counts, least-k
 sets, skip-gate logits and final-architecture buffers).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -14,7 +16,27 @@ from .projection import ProjectionHidden, ProjectionLayer, project_and_round, qu
 
 
 class UVCDecisions:
-    """`decide()` and `finalize()` for `UVCMethod`."""
+    """`decide()` and `finalize()` for `UVCMethod`.
+
+    The contract with the class it is mixed into: the attributes annotated below, plus the methods
+    `architecture_macs(architecture)` (`CompressionMethod`), `hard_ratio()` (`UVCBudget`) and
+    `_groups()` (`UVCMethod`: the current least-k sets).
+    """
+
+    # -- provided by UVCMethod / CompressionMethod ------------------------------------------------------------
+    config: Any  # CompressionConfig
+    geometry: Any  # surgery.flops.Geometry
+    name: str
+    target_macs: float
+    dense_macs: int
+    prune_hidden: bool
+    theta: torch.Tensor  # (L, 2) skip / run logits
+    final_heads: torch.Tensor  # the final architecture's keep buffers (empty until finalize())
+    final_vdims: torch.Tensor
+    final_mlp: torch.Tensor
+    final_hidden: torch.Tensor
+    final_blocks: torch.Tensor
+    _finalized: bool
 
     def decide(self) -> Architecture:
         """The hard architecture of the current counts and theta, projected to `architecture_macs <= target`.

@@ -87,7 +87,7 @@ def straight_through_ceil(value: torch.Tensor) -> torch.Tensor:
 @dataclass
 class HiddenSets:
     """The residual channels' scores (D,), their ascending order and ranks, and the current least-k set (D,) bool
-    (`UVCConfig.prune_hidden`, global: one count for the whole model; see `uvc_hidden`)."""
+    (`UVCConfig.prune_hidden`, global: one count for the whole model; see `hidden.py`)."""
 
     scores: torch.Tensor
     ascending: torch.Tensor

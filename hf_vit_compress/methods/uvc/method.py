@@ -17,65 +17,8 @@ State (all float32, all in the state dict, so a checkpoint reproduces `decide()`
     dual ascent (the per-kind names are views of the columns; checkpoints with one buffer per kind still load);
     progress_step, theta_momentum, and after `finalize()` the final architecture's keep-masks.
 
-Design choices and deviations from the official code (VITA-Group/UVC), each for a stated reason:
-  * One value width per layer: r_l is shared by the layer's heads (the spec allows it: the compressed format has
-    one v head dim per layer); each head still keeps its OWN best value channels. The dims' least-k sum is
-    summed over the kept heads (LS(r_l) = sum_h LS(r_l; dims of head h)); removed heads are excluded because
-    their whole o_proj block is already penalised by y_l0.
-  * Groups: a score is the squared norm of the weights that read the unit: head h -> o_proj columns of h,
-    value dim c -> o_proj column c, MLP unit j -> fc2 column j. The proximal step of y * ||W_g||^2 is exactly
-    W_g <- W_g / (1 + 2 lr y), so it shrinks only those columns (not the q/k/v or fc1 rows, which the penalty does
-    not contain). An MLP unit's fc1 row is removed together with its fc2 column at export.
-  * Head dims (`shared_head_dims`, default, beyond the paper): a dim count removes the dim from q and k too, so a
-    dim's group is its o_proj column and its q_proj/k_proj rows (and biases), scored, shrunk and priced in R
-    together, and the exported q/k head dim equals the value head dim; in the paper's space (off) a kept head keeps
-    every q/k dim, so q/k MACs fall only with whole heads (on the medium CIFAR-10 benchmark, 3 seeds: 54.20 / 53.85
-    top-1 at 50 / 30% MACs against 52.80 / 50.55, benchmarks/results/quality_medium.md).
-  * FLOPs: R counts the MACs of `flops.block_macs` (plus stem and classifier head) at widths
-    qk = (H - ceil s0) d (d - ceil r with shared head dims), v = (H - ceil s0)(d - ceil r), mlp = I - ceil s1
-    (straight-through ceil), weighted by
-    the blocks' run probabilities. The v projection is counted at the value width (what the exported model runs)
-    instead of the spec's a_l. With hard gates R equals the exported model's MACs ratio exactly. `block_macs` is
-    linear in the widths, so R and its derivatives (written out, no autograd in the step) use three per-unit
-    coefficients taken from it (`_linear_macs_coefficients`).
-  * Cost per step: every update runs for all blocks and kinds at once, on the device, without reading a value
-    back (no `.item()`, no Python branch on a tensor); the least-k sets the step ends with are reused by the next
-    forward's masks. In the paper's space q and k get no mask during the search (a removed head's value channels
-    are masked, which zeroes its output and its q/k gradients exactly as masking q and k would); with shared head
-    dims they get the value mask, folded with v's in one operation.
-  * Block-gate probabilities in R: gamma_l = softmax(theta_l / tau)[run] (the noise-free Gumbel-softmax). The
-    forward uses a Gumbel sample; R, its gradients and the dual updates use the noise-free value, so every
-    manual update is deterministic and identical on every data-parallel rank (theta's KD gradient is averaged
-    by DDP like any parameter's).
-  * Gap clip: the official code clamps (R - B) to +-budget_gap_clip with torch.clamp, which also zeroes the
-    budget's gradient whenever |R - B| > clip; for budgets under 0.5 (R - B > 0.5 at the start) the search then
-    never moves. Here the budget term of the counts' and theta's gradients is dropped only when R < B - clip
-    (far under budget, as the official code does); above the budget it always acts.
-  * Count steps in fractions of each count's range (`counts_space="fraction"`, default): the spec's SGD on the
-    counts in units, inf-norm clipped jointly, moves a head count (one head = (3D + N) / (2H) MLP units of
-    MACs) and MLP counts with the same unit step; MLP counts then barely move (measured on CIFAR-10, 4-block
-    ViT, counts_lr 1.0: mean MLP width 383 of 384 at search steps 60-120, while heads fell to 1.5-1.75 of 3)
-    and the budget is met by heads alone. Stepping s / range instead gives every kind a comparable relative
-    speed; `counts_space="units"` restores the spec's update.
-  * Budget by projection (`budget_control="projection"`, optional; `uvc_budget`): the counts step on the group
-    terms alone and one Newton step per optimizer step moves them back along the budget's gradient onto the
-    continuous R = B + an offset that brings the masks' R onto B; the dual z then only prices the skip gates.
-  * Skip warm-up (the first `skip_warmup_fraction` of the search): gates fixed at (0.5, 0.5), theta frozen (spec).
-    Counts, prox and duals run from the first step (the spec freezes only theta; the official code also froze
-    the counts). R keeps using softmax(theta / tau) during warm-up (about 0.98 per block at init), not the
-    forward's 0.5, so the budget is not counted as half met by gates that will not stay at 0.5.
-  * theta is stepped every optimizer step (the official code accumulated 50 steps), without weight decay. Its
-    gradient is whatever the trainer left in `theta.grad` (unscaled, clipped, accumulated: see
-    `optimizer_groups`); a non-finite gradient (an fp16 overflow step) skips the update. The method sets
-    `theta.grad = None` afterwards.
-  * Eval-mode forwards during the search use the noise-free gates softmax(theta / tau) (the skip warm-up's
-    (0.5, 0.5) during warm-up); after `finalize()` the final hard masks.
-  * Final projection (`uvc_decisions`): `decide()` takes the hard architecture of the current counts (ceil, magnitude
-    top-k) and theta (block l runs iff theta_l[1] > theta_l[0]; if no block would run, the one with the largest run
-    margin is kept), then greedily removes the remaining unit group with the least damage per MAC saved (damage =
-    removed squared column norms: an MLP unit, one value dim in every kept head, a head, or a whole block while more
-    than one is kept) until `architecture_macs <= target_macs` holds exactly; MLP widths and value head dims stay at or
-    above `channel_multiple` and are then rounded to multiples of it (`uvc_projection.project_and_round`).
+Design choices and deviations from the paper and the official code, each with its reason: docs/methods.md (UVC,
+"Implementation notes").
 """
 
 from __future__ import annotations
@@ -171,7 +114,7 @@ class UVCMethod(UVCDecisions, UVCBudget, CompressionMethod):
         self._step_groups: tuple[tuple, UnitGroups] | None = None
         self._counts_cache: dict[str, tuple] = {}  # what the counts give, by name (`UVCBudget._counts_cached`)
         self.to(next(model.parameters()).device)
-        if settings.budget_control == "projection":  # the search starts on the budget (`uvc_budget`)
+        if settings.budget_control == "projection":  # the search starts on the budget (`budget.py`)
             for _ in range(INITIAL_NEWTON_STEPS):
                 self._project_to_budget()
 
@@ -246,7 +189,7 @@ class UVCMethod(UVCDecisions, UVCBudget, CompressionMethod):
     def _scores(self, hidden_rest: torch.Tensor | None = None) -> tuple:
         """(head scores (L, H), dim scores (L, H, d), mlp scores (L, I), residual channel scores (D,) or None, their
         part outside o_proj / fc2 or None) of every block: squared column norms of o_proj and fc2 (and squared norms
-        of each residual channel's group, `uvc_hidden`; `hidden_rest` given: that part taken as is), float32, all
+        of each residual channel's group, `hidden.py`; `hidden_rest` given: that part taken as is), float32, all
         blocks at once."""
         geo = self.geometry
         blocks = self.parts.blocks
@@ -327,7 +270,7 @@ class UVCMethod(UVCDecisions, UVCBudget, CompressionMethod):
             # whatever its attention pattern, and no gradient reaches its q/k rows (dL/dP = dL/dout v^T = 0), exactly
             # as if q and k were masked too; two multiplies per block (and their backward) fewer.
             # residual channels: every LayerNorm normalises the kept ones only and outputs 0 on the others, so a
-            # dropped channel reaches no q/k/v/fc1 and no classifier (`uvc_hidden`)
+            # dropped channel reaches no q/k/v/fc1 and no classifier (`hidden.py`)
             hidden_keep = (~groups.hidden.removed).float() if self.prune_hidden else None
             values = ((~groups.dims_removed).float() * kept_heads.unsqueeze(-1)).flatten(-2)  # (L, H * d)
             return Masks(
@@ -419,6 +362,8 @@ class UVCMethod(UVCDecisions, UVCBudget, CompressionMethod):
     def after_optimizer_step(self, learning_rate: float) -> None:
         """One UVC step after the weights' optimizer step: prox, counts, theta, duals (docs/methods.md, steps 1-4),
         every block and kind at once and without reading anything back from the device."""
+        # One function on purpose: prox, counts, theta and duals must run in this order on the same step's tensors,
+        # and splitting it would pass a dozen of them around.
         if self._finalized:
             self.theta.grad = None
             return
