@@ -29,11 +29,11 @@ from typing import Any
 from huggingface_hub import HfApi
 from transformers.utils import logging
 
-from ..surgery.export import architecture_params
 from ..surgery.flops import count_macs, count_params
 from .card import build_model_card
+from .record import CompressionRecord, as_record
 from .report import architecture_table
-from .saving import CONTROL_DIR, save_atomically
+from .saving import save_atomically
 from .verify import FolderCheck, UnsafeFolderError, verify_compressed_folder
 
 logger = logging.get_logger(__name__)
@@ -144,28 +144,28 @@ def training_summary(args, steps: int) -> dict[str, Any]:
     return {key: _jsonable(value) for key, value in summary.items()}
 
 
-def _evaluation(trainer, kind: str) -> dict[str, float] | None:
-    """The metrics of the trainer's last evaluation of `kind` ("dense", or "compressed": on the final weights)."""
-    for entry in reversed(getattr(trainer, "evaluations", [])):
+def _evaluation(record: CompressionRecord, kind: str) -> dict[str, float] | None:
+    """The metrics of the run's last evaluation of `kind` ("dense", or "compressed": on the final weights)."""
+    for entry in reversed(record.evaluations):
         if entry["kind"] != kind:
             continue
-        if kind == "compressed" and entry["step"] != trainer.state.global_step:
+        if kind == "compressed" and entry["step"] != record.steps:
             return None  # measured on earlier weights than the ones saved: not this model's figure
         return metric_values(entry["metrics"], entry["prefix"]) or None
     return None
 
 
-def compression_report(trainer, compressed=None, dense_metrics: Mapping[str, float] | None = None,
+def compression_report(run, compressed=None, dense_metrics: Mapping[str, float] | None = None,
                        compressed_metrics: Mapping[str, float] | None = None, **card_info) -> dict[str, Any]:
-    """The measured facts of a `CompressionTrainer` run: what the card shows and the CLI writes to
+    """The measured facts of a compression run: what the card shows and the CLI writes to
     `compression_report.json`.
 
     Args:
-        trainer: a `CompressionTrainer` whose search has finished.
+        run: a `CompressionRecord`, or a `CompressionTrainer` whose search has finished (its record is taken).
         compressed: its exported model (exported here when not given).
         dense_metrics, compressed_metrics: metrics measured outside the trainer (the demo does); by default the
-            trainer's own: its last `evaluate_dense()` and its last `evaluate()` on the final weights.
-        **card_info: facts only the caller knows (`CARD_INFO_KEYS`), over `trainer.model_card_info`.
+            run's own: its last `evaluate_dense()` and its last `evaluate()` on the final weights.
+        **card_info: facts only the caller knows (`CARD_INFO_KEYS`), over the record's `card_info`.
 
     Returns:
         A JSON-ready dict: `method`, `target_flops`, `dense_macs`, `compressed_macs`, `compressed_macs_ratio`,
@@ -173,37 +173,36 @@ def compression_report(trainer, compressed=None, dense_metrics: Mapping[str, flo
         `compression_config`, `training`, and when measured `dense_metrics` / `compressed_metrics` (with
         `dense_accuracy`, `compressed_accuracy` and the top-5 ones flat), plus the card facts given.
     """
-    info = normalized_card_info({**getattr(trainer, "model_card_info", {}), **card_info}, "compression_report")
-    method = trainer.method
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    compressed = compressed if compressed is not None else trainer.export_compressed_model()
-    config = model.config
+    record = as_record(run)
+    info = normalized_card_info({**record.card_info, **card_info}, "compression_report")
+    compressed = compressed if compressed is not None else record.export()
+    config = record.dense_config
     source = getattr(config, "_name_or_path", None) or None
     compressed_macs = count_macs(compressed)
     report: dict[str, Any] = {
         "model": source,
         "base_model": source if is_hub_model_id(source) else None,
         "source_model_type": config.model_type,
-        "method": trainer.compression_config.method,
-        "target_flops": trainer.compression_config.target_ratio(method.dense_macs),
-        "dense_macs": int(method.dense_macs),
+        "method": record.compression_config.method,
+        "target_flops": record.compression_config.target_ratio(record.dense_macs),
+        "dense_macs": int(record.dense_macs),
         "compressed_macs": compressed_macs,
-        "compressed_macs_ratio": compressed_macs / method.dense_macs,
-        "dense_params": _dense_params(trainer),
+        "compressed_macs_ratio": compressed_macs / record.dense_macs,
+        "dense_params": record.dense_params,
         "compressed_params": count_params(compressed),
         "image_size": config.image_size,
         "dense_architecture": dense_architecture(config),
-        "architecture": method.export_architecture().summary(),
+        "architecture": record.architecture.summary(),
         # the search's own MACs ratio when it ended, before the final projection (None: not seen by this trainer)
-        "search_macs_ratio": getattr(trainer, "search_macs_ratio", None),
-        "steps": trainer.state.global_step,
+        "search_macs_ratio": record.search_macs_ratio,
+        "steps": record.steps,
     }
     report["architecture_table"] = architecture_table(report).splitlines()  # lines: readable in the JSON
-    measured = {"dense": dense_metrics or _evaluation(trainer, "dense"),
-                "compressed": compressed_metrics or _evaluation(trainer, "compressed")}
+    measured = {"dense": dense_metrics or _evaluation(record, "dense"),
+                "compressed": compressed_metrics or _evaluation(record, "compressed")}
     eval_dataset = dict(info.pop("eval_dataset", None) or {})
     if any(measured.values()):
-        size = _length(trainer.eval_dataset)
+        size = record.eval_dataset_size
         if size is not None and dense_metrics is None and compressed_metrics is None:
             eval_dataset.setdefault("num_examples", size)
         if eval_dataset:
@@ -214,11 +213,11 @@ def compression_report(trainer, compressed=None, dense_metrics: Mapping[str, flo
             for key in ("accuracy", "top5_accuracy"):
                 if key in values:
                     report[f"{which}_{key}"] = values[key]
-    report["compression_config"] = trainer.compression_config.to_dict()
-    report["training"] = training_summary(trainer.args, trainer.state.global_step)
-    if report["base_model"] and "license" not in info:  # looked up once per trainer
-        info["license"] = trainer.model_card_info["license"] = base_model_license(report["base_model"],
-                                                                                   token=trainer.args.hub_token)
+    report["compression_config"] = record.compression_config.to_dict()
+    report["training"] = training_summary(record.training_args, record.steps)
+    if report["base_model"] and "license" not in info:  # looked up once per run (cached in its card_info)
+        info["license"] = record.card_info["license"] = base_model_license(
+            report["base_model"], token=getattr(record.training_args, "hub_token", None))
     report.update({key: value for key, value in info.items() if value is not None})
     return report
 
@@ -234,41 +233,24 @@ def dense_architecture(config) -> dict[str, int]:
     }
 
 
-def _dense_params(trainer) -> int:
-    """Parameters of the dense model: the gated model's, less the method's and any LoRA adapters'."""
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    added = {id(parameter) for parameter in trainer.method.parameters()}
-    lora = getattr(trainer, "lora_recovery", None)
-    added |= {id(parameter) for parameter in lora.parameters} if lora is not None else set()
-    return sum(parameter.numel() for parameter in model.parameters() if id(parameter) not in added)
-
-
-def architecture_facts(trainer) -> dict[str, Any]:
-    """What `report.architecture_table` shows, counted from the trainer's final architecture without exporting it
+def architecture_facts(run) -> dict[str, Any]:
+    """What `report.architecture_table` shows, counted from the run's final architecture without exporting it
     (the same figures `compression_report` measures on the exported model): `method`, `architecture`,
     `dense_architecture`, `dense_macs`, `compressed_macs`, `target_flops`, `search_macs_ratio`, `dense_params`,
-    `compressed_params`. Ends the search if it has not ended."""
-    method = trainer.method
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    architecture = method.export_architecture()
+    `compressed_params`. `run`: a `CompressionRecord` or a `CompressionTrainer` (whose search it ends if it has not
+    ended)."""
+    record = as_record(run)
     return {
-        "method": trainer.compression_config.method,
-        "architecture": architecture.summary(),
-        "dense_architecture": dense_architecture(model.config),
-        "dense_macs": int(method.dense_macs),
-        "compressed_macs": method.architecture_macs(architecture),
-        "target_flops": trainer.compression_config.target_ratio(method.dense_macs),
-        "search_macs_ratio": getattr(trainer, "search_macs_ratio", None),
-        "dense_params": _dense_params(trainer),
-        "compressed_params": architecture_params(model, architecture),
+        "method": record.compression_config.method,
+        "architecture": record.architecture.summary(),
+        "dense_architecture": dense_architecture(record.dense_config),
+        "dense_macs": int(record.dense_macs),
+        "compressed_macs": record.compressed_macs,
+        "target_flops": record.compression_config.target_ratio(record.dense_macs),
+        "search_macs_ratio": record.search_macs_ratio,
+        "dense_params": record.dense_params,
+        "compressed_params": record.compressed_params,
     }
-
-
-def _length(dataset) -> int | None:
-    try:
-        return len(dataset) if dataset is not None and not isinstance(dataset, dict) else None
-    except TypeError:  # a stream
-        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -428,64 +410,9 @@ def push_compressed_folder(folder: str | os.PathLike, repo_id: str, *, token: st
                          cleanup=staging)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The trainer's two entry points
-# ---------------------------------------------------------------------------------------------------------------
-def _trainer_files(trainer, compressed, repo_id: str | None, model_name: str) -> dict[str, str]:
-    report = compression_report(trainer, compressed)
-    processor = trainer.processing_class
-    if processor is None:
-        logger.warning("CompressionTrainer: no processing_class, so no image processor is saved with the compressed "
-                       "model and pipeline() cannot load it; pass processing_class=AutoImageProcessor.from_pretrained"
-                       "(<source model>) (or hf_vit_compress.data.image_processor_for_transform(eval_transform)).")
-    return publication_files(report, trainer.method.export_architecture().to_dict(), processor,
-                             repo_id=repo_id, model_name=model_name)
-
-
-def save_trainer_model(trainer, output_dir: str | os.PathLike) -> Path:
-    """`CompressionTrainer.save_model` after the search: export (every rank), write (main process only)."""
-    output_dir = Path(output_dir)
-    compressed = trainer.export_compressed_model()
-    if trainer.args.should_save:
-        files = _trainer_files(trainer, compressed, repo_id=None, model_name=output_dir.name)
-        save_atomically(compressed, output_dir, extra_files=files)
-    return output_dir
-
-
-def push_trainer_model(trainer, commit_message: str | None = "End of training", blocking: bool = True,
-                       token: str | None = None, revision: str | None = None, private: bool | None = None,
-                       **card_info):
-    """`CompressionTrainer.push_to_hub`: the compressed model, staged in a temporary folder, to
-    `args.hub_model_id` (Trainer's rules: created if needed, `hub_token`, `hub_private_repo`, `hub_revision`)."""
-    if not trainer.method.search_finished:
-        raise ValueError("CompressionTrainer.push_to_hub uploads the compressed model, which exists once the search "
-                         "has finished: call it after train() (or after finalize_architecture())")
-    trainer.model_card_info.update(normalized_card_info(card_info, "CompressionTrainer.push_to_hub"))
-    trainer.callback_handler.on_push_begin(trainer.args, trainer.state, trainer.control)
-    token = token if token is not None else trainer.args.hub_token
-    if trainer.hub_model_id is None:
-        trainer.init_hf_repo(token=token, private=private)  # Trainer's: hub_model_id or output_dir's name
-    if not trainer.is_world_process_zero():
-        return None
-    compressed = trainer.export_compressed_model()
-    repo_id = trainer.hub_model_id
-    model_name = trainer.model_card_info.get("model_name") or repo_id.split("/")[-1]
-    staging = Path(tempfile.mkdtemp(prefix="hf_vit_compress-push-"))
-    try:
-        files = _trainer_files(trainer, compressed, repo_id=repo_id, model_name=model_name)
-        folder = save_atomically(compressed, staging / model_name, extra_files=files)
-        shutil.rmtree(folder / CONTROL_DIR, ignore_errors=True)  # the save's own bookkeeping, not for the Hub
-        trainer._finish_current_push()
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return upload_folder(folder, repo_id, token=token, revision=revision if revision is not None
-                         else trainer.args.hub_revision, commit_message=commit_message, run_as_future=not blocking,
-                         create_repo=False, cleanup=staging)
-
-
 __all__ = [
     "CARD_INFO_KEYS",
+    "architecture_facts",
     "base_model_license",
     "check_publishable",
     "compression_report",

@@ -134,7 +134,7 @@ def save_atomically(
             README.md); or it would leave a `model.safetensors` that no model save wrote in place of new shards.
         NonFiniteError: the model has NaN/Inf weights (named); nothing is written.
     """
-    from ..training.health import assert_finite, model_tensors
+    from ..numerics import assert_finite, model_tensors
 
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..modeling import CompressedViTConfig, CompressedViTForImageClassification
-from ..training.health import assert_finite, model_tensors
+from ..numerics import assert_finite, model_tensors
 from .architecture import Architecture, LayerArchitecture
 from .kernels import cross_check_sdpa, kernel_report, kernel_summary, math_fallback_warning
 from .targets import BlockParts, ModelParts, model_parts

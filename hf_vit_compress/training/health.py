@@ -20,10 +20,10 @@ from collections.abc import Iterable, Mapping
 import torch
 from transformers import TrainerCallback
 
+from ..numerics import NonFiniteError, assert_finite, model_tensors, name_list, non_finite_tensors, peaks
+
 #: "never non-finite" in the device-side record (larger than any step; MIN-reduces across ranks)
 NEVER = 2**62
-#: how many tensor names an error lists before "(+N more)"
-MAX_NAMES = 4
 
 #: what each logged value of the trainer / methods is, for the error message
 COMPONENTS = {
@@ -44,10 +44,6 @@ HINT = (
 )
 
 
-class NonFiniteError(FloatingPointError):
-    """Training produced (or was given) NaN/Inf values; the message names the step and what was non-finite."""
-
-
 def describe_state_tensor(name: str) -> str:
     """What a tensor of a method's search state is (`attention.0.alpha` -> OFB architecture logits ...)."""
     leaf = name.rsplit(".", 1)[-1]
@@ -66,47 +62,6 @@ def describe_state_tensor(name: str) -> str:
     if leaf.endswith("_duals") or leaf == "budget_dual":
         return "UVC duals"
     return "search state"
-
-
-def non_finite_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    """Names of the floating-point tensors that hold a NaN or Inf (one synchronisation for all of them)."""
-    names, tensors = [], []
-    for name, tensor in named_tensors:
-        if tensor is not None and tensor.is_floating_point() and tensor.numel():
-            names.append(name)
-            tensors.append(tensor.detach())
-    if not tensors:
-        return []
-    peaks = _peaks(tensors)
-    return [name for name, bad in zip(names, (~torch.isfinite(peaks)).tolist()) if bad]
-
-
-def _peaks(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """max |x| per tensor as one float32 vector on the first tensor's device (NaN and Inf survive; a finite tensor
-    never overflows). No host synchronisation: no tensor is built from host data."""
-    device = tensors[0].device
-    if all(tensor.device == device for tensor in tensors):
-        return torch.stack([norm.float() for norm in torch._foreach_norm(tensors, float("inf"))])
-    return torch.stack([tensor.abs().amax().float().to(device) for tensor in tensors])
-
-
-def _name_list(names: list[str]) -> str:
-    shown = ", ".join(names[:MAX_NAMES])
-    return shown + (f" (+{len(names) - MAX_NAMES} more)" if len(names) > MAX_NAMES else "")
-
-
-def assert_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], what: str, advice: str = "") -> None:
-    """Raise `NonFiniteError` naming every tensor of `named_tensors` that holds a NaN/Inf.
-
-    Args:
-        named_tensors: (name, tensor) pairs, e.g. `model.state_dict().items()`.
-        what: what they are, for the message ("the starting model", "the exported model").
-        advice: what to do about it, appended to the message.
-    """
-    bad = non_finite_tensors(named_tensors)
-    if bad:
-        raise NonFiniteError(f"{what} has non-finite (NaN/Inf) values in {len(bad)} tensor(s): {_name_list(bad)}"
-                             + (f". {advice}" if advice else ""))
 
 
 class _FirstBadRecord:
@@ -186,7 +141,7 @@ class TrainingHealth:
         named = {name: t for name, t in named_tensors.items() if t.is_floating_point() and t.numel()}
         if named:
             with torch.no_grad():  # no detach per tensor: one operation fewer each
-                self._state.update(step, tuple(named), _peaks(list(named.values())))
+                self._state.update(step, tuple(named), peaks(list(named.values())))
 
     # -- check points (one synchronisation) ----------------------------------------------------------------------
     def first_bad(self, reduce_across_ranks: bool = False) -> tuple[dict[str, int], dict[str, int]]:
@@ -244,9 +199,9 @@ class TrainingHealth:
         for label, entries in sorted(groups.items(), key=lambda item: min(item[1])):
             entries.sort()
             names = [name for _, name in entries]
-            parts.append(f"search state: {label} after step {entries[0][0]} ({_name_list(names)})")
+            parts.append(f"search state: {label} after step {entries[0][0]} ({name_list(names)})")
         if bad_weights:
-            parts.append(f"weights now non-finite: {_name_list(bad_weights)}")
+            parts.append(f"weights now non-finite: {name_list(bad_weights)}")
         return "; ".join(parts) + ". Nothing was saved with these values. " + HINT
 
 
@@ -254,11 +209,6 @@ class TrainingHealth:
 GATES_PREFIX = "compression."
 #: steps between two checks when nothing else (logging, saving, evaluation) asks for one
 CHECK_INTERVAL = 100
-
-
-def model_tensors(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Every parameter and buffer of `model`, by name (what a save writes)."""
-    return [*model.named_parameters(), *model.named_buffers()]
 
 
 def check_trainer(trainer, where: str, include_weights: bool = False) -> None:

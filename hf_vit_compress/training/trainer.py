@@ -21,9 +21,10 @@ from transformers.utils import logging
 from ..config import CompressionConfig
 from ..methods import CompressionMethod, build_method
 from ..publishing.publish import architecture_facts
+from ..publishing.record import CompressionRecord
 from ..publishing.report import architecture_table
 from ..surgery.architecture import Architecture
-from ..surgery.export import export_compressed_model
+from ..surgery.export import architecture_params, export_compressed_model
 from ..surgery.gating import install_gates
 from ..surgery.targets import model_parts
 from .callback import _NO_STEPS_MESSAGE, CompressionCallback, NoTrainingSteps
@@ -336,6 +337,27 @@ class CompressionTrainer(ResumeChecks, Trainer):
         with lora.merged_into_weights() if lora else contextlib.nullcontext():  # a plain model, adapters merged
             return export_compressed_model(model, self.method.export_architecture())
 
+    def compression_record(self) -> CompressionRecord:
+        """The run's facts for publishing (report, card, sidecars): publishing reads this, not the trainer."""
+        model = self.accelerator.unwrap_model(self.model)
+        architecture = self.method.export_architecture()
+        return CompressionRecord(
+            dense_config=model.config, compression_config=self.compression_config, architecture=architecture,
+            dense_macs=int(self.method.dense_macs), dense_params=self._dense_params(model),
+            compressed_macs=self.method.architecture_macs(architecture),
+            compressed_params=architecture_params(model, architecture), steps=self.state.global_step,
+            training_args=self.args, export=self.export_compressed_model, search_macs_ratio=self.search_macs_ratio,
+            evaluations=self.evaluations, eval_dataset_size=_length(self.eval_dataset),
+            card_info=self.model_card_info,
+        )
+
+    def _dense_params(self, model: nn.Module) -> int:
+        """Parameters of the dense model: the gated model's, less the method's and any LoRA adapters'."""
+        added = {id(parameter) for parameter in self.method.parameters()}
+        lora = self.lora_recovery
+        added |= {id(parameter) for parameter in lora.parameters} if lora is not None else set()
+        return sum(parameter.numel() for parameter in model.parameters() if id(parameter) not in added)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """`Trainer.evaluate`, remembered for the model card (after the search: the compressed model's figures)."""
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -370,7 +392,7 @@ class CompressionTrainer(ResumeChecks, Trainer):
         check_trainer(self, f"before saving to {output_dir or self.args.output_dir}", include_weights=True)
         if _internal_call or not self.method.search_finished:
             return super().save_model(output_dir, _internal_call=True)
-        from ..publishing.publish import save_trainer_model
+        from .hub import save_trainer_model
 
         save_trainer_model(self, output_dir or Path(self.args.output_dir) / "compressed_model")
         self.accelerator.wait_for_everyone()
@@ -385,7 +407,7 @@ class CompressionTrainer(ResumeChecks, Trainer):
         `hub_revision` are the defaults); `kwargs` are model card facts (`publish.CARD_INFO_KEYS`, plus Trainer's
         `finetuned_from` / `dataset_tags`). Returns the `CommitInfo` (a `Future` if not `blocking`; None on
         non-main processes)."""
-        from ..publishing.publish import push_trainer_model
+        from .hub import push_trainer_model
 
         return push_trainer_model(self, commit_message=commit_message, blocking=blocking, token=token,
                                   revision=revision, private=private, **kwargs)
@@ -441,3 +463,11 @@ class CompressionTrainer(ResumeChecks, Trainer):
         )
         method.broadcast_state(src=0)
         return False
+
+
+def _length(dataset) -> int | None:
+    """Examples in a map-style dataset; None for a stream, a dict of datasets or none."""
+    try:
+        return len(dataset) if dataset is not None and not isinstance(dataset, dict) else None
+    except TypeError:  # a stream
+        return None
