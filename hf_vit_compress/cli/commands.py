@@ -5,6 +5,7 @@
     hf-vit-compress push DIR REPO_ID [--private] [--revision R] ...        publish a saved compressed model
     hf-vit-compress verify DIR                                             check a (downloaded) model folder
     hf-vit-compress export-onnx DIR [--output FILE] [--opset 18]           ONNX export, checked with onnxruntime
+    hf-vit-compress profile-latency MODEL --output FILE [--batch-size 1]   this device's latency table
 
 Overrides of `train`: `--compression.target_flops 0.4`, `--compression.ofb.arch_lr 5e-2`, `--training.max_steps 5`
 (or just `--max_steps 5`: a bare name is looked up in the model/data/training/compression fields),
@@ -185,6 +186,50 @@ def _run_export_onnx(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _profile_latency_parser(subparsers) -> None:
+    profile = subparsers.add_parser(
+        "profile-latency",
+        help="time the parts of a compressed model on this device and save the latency table (JSON)",
+        description="Time the stem and head, one attention sub-block and one MLP sub-block over a grid of widths "
+        "(this package's modeling code, at the batch size, dtype, attention implementation, device and thread count "
+        "given) and save the table, keyed by all of them (hf_vit_compress.surgery.latency).",
+    )
+    profile.add_argument("model", metavar="MODEL", help="a dense ViT/DeiT: a local folder or a Hub id (its config)")
+    profile.add_argument("--output", required=True, help="the table's JSON file")
+    profile.add_argument("--batch-size", type=int, default=1)
+    profile.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    profile.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default %(default)s)")
+    profile.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager"))
+    profile.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    profile.add_argument("--points", type=int, default=3, help="widths per axis (default %(default)s)")
+    profile.add_argument("--repeats", type=int, default=7, help="timed calls per cell; the median is kept")
+    profile.add_argument("--warmup", type=int, default=3)
+    profile.add_argument("--no-progress", action="store_true")
+
+
+def _run_profile_latency(arguments: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoConfig
+
+    from ..surgery.latency import LatencyGrid, build_latency_table
+
+    if arguments.threads:
+        torch.set_num_threads(arguments.threads)
+    if arguments.points < 2:
+        raise ValueError(f"--points={arguments.points} is invalid: allowed an integer >= 2")
+    try:
+        config = AutoConfig.from_pretrained(arguments.model)
+    except OSError as error:
+        raise ValueError(f"MODEL {arguments.model!r}: no model config found ({error})") from None
+    table = build_latency_table(config, arguments.batch_size, arguments.dtype, arguments.device,
+                                arguments.attn_implementation, LatencyGrid.for_model(config, arguments.points),
+                                warmup=arguments.warmup, repeats=arguments.repeats, progress=not arguments.no_progress)
+    path = table.save(arguments.output)
+    print(f"wrote {path}: {table.meta['seconds']} s on {table.key.device}, dense model predicted "
+          f"{table.predict_config(config):.3f} ms per batch of {arguments.batch_size}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-vit-compress", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,8 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     _push_parser(subparsers)
     _verify_parser(subparsers)
     _export_onnx_parser(subparsers)
+    _profile_latency_parser(subparsers)
     arguments, extra = parser.parse_known_args(argv)
-    commands = {"demo": _run_demo, "push": _run_push, "verify": _run_verify, "export-onnx": _run_export_onnx}
+    commands = {"demo": _run_demo, "push": _run_push, "verify": _run_verify, "export-onnx": _run_export_onnx,
+                "profile-latency": _run_profile_latency}
     try:
         if arguments.command != "train" and extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -1,0 +1,372 @@
+"""A latency model measured on the user's device: how long the parts of a compressed ViT take, by width.
+
+A compressed model is a stem (patch embedding, prefix tokens, positions) and a head (final LayerNorm, classifier),
+plus per block an attention sub-block (LayerNorm, q/k/v, attention, o_proj) and an MLP sub-block (LayerNorm, fc1,
+activation, fc2), each with its own widths. `build_latency_table` times this package's own modeling classes
+(`modeling/modeling_compressed_vit.py`, what an exported model runs) on a grid of widths: the stem and head over
+the residual width D, attention over (D, heads, q/k head dim, v head dim), the MLP over (D, MLP width), at the
+user's batch size, image size, dtype, attention implementation, device and thread count. On a GPU each timing is
+bracketed by CUDA events after a warm-up; on a CPU by `time.perf_counter`; each cell is the median of its repeats.
+
+`LatencyTable.predict_*` interpolate the grid multilinearly (piecewise-linear in each width, linear extrapolation
+past the grid's ends): time is close to linear in a width between the kernel-size steps, so a few points per
+axis follow it, and a grid point is predicted exactly. A table is saved as JSON together with its `LatencyKey`
+(everything its timings depend on); loading it for a run with another key is refused, naming the field.
+
+Written by hand: torch's profiler and benchmark utilities time one call, and no well-kept library builds
+interpolated per-layer latency tables for transformers models.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..modeling import CompressedViTConfig, CompressedViTForImageClassification
+from ..modeling.modeling_compressed_vit import CompressedViTAttention, CompressedViTMLP
+
+TABLE_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LatencyKey:
+    """Everything a table's timings depend on; a table is used only for a run with an equal key.
+
+    Args:
+        device: the device's name (`torch.cuda.get_device_name`, or `"cpu"`).
+        torch_version: `torch.__version__`.
+        dtype: `"float32"`, `"bfloat16"` or `"float16"`.
+        batch_size: images per forward.
+        tokens: sequence length (patches + prefix tokens).
+        attn_implementation: `"sdpa"` or `"eager"`.
+        num_threads: `torch.get_num_threads()` (CPU timings depend on it; recorded on a GPU too).
+    """
+
+    device: str
+    torch_version: str
+    dtype: str
+    batch_size: int
+    tokens: int
+    attn_implementation: str
+    num_threads: int
+
+    def mismatch(self, other: LatencyKey) -> list[str]:
+        """`field: table value != run value` for every field that differs."""
+        return [f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}" for f in fields(self)
+                if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def latency_key(dense_config, batch_size: int, dtype: str = "float32", device: str | torch.device = "cpu",
+                attn_implementation: str = "sdpa") -> LatencyKey:
+    """The key of timings of models shaped like `dense_config` (a ViT/DeiT or compressed config) run so."""
+    if dtype not in DTYPES:
+        raise ValueError(f"latency dtype={dtype!r} is invalid: allowed {sorted(DTYPES)}")
+    if attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"latency attn_implementation={attn_implementation!r} is invalid: allowed 'sdpa', 'eager'")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"latency batch_size={batch_size!r} is invalid: allowed an integer >= 1")
+    device = torch.device(device)
+    return LatencyKey(device_name(device), torch.__version__, dtype, batch_size, _tokens(dense_config),
+                      attn_implementation, torch.get_num_threads())
+
+
+def _tokens(config) -> int:
+    image, patch = _pair(config.image_size), _pair(config.patch_size)
+    prefix = 2 if getattr(config, "use_distillation_token", False) or config.model_type == "deit" else 1
+    return (image[0] // patch[0]) * (image[1] // patch[1]) + prefix
+
+
+def _pair(value) -> tuple[int, int]:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
+
+
+# -- the grid ------------------------------------------------------------------------------------------------------
+@dataclass
+class LatencyGrid:
+    """The widths a table is measured at (each axis ascending, positive).
+
+    Args:
+        hidden: residual widths D.
+        heads: numbers of heads.
+        qk_head_dims: query/key head dims.
+        v_head_dims: value head dims.
+        mlp: MLP widths.
+    """
+
+    hidden: list[int]
+    heads: list[int]
+    qk_head_dims: list[int]
+    v_head_dims: list[int]
+    mlp: list[int]
+
+    @classmethod
+    def for_model(cls, dense_config, points: int = 3) -> LatencyGrid:
+        """`points` widths per axis from a quarter of the dense width (at least 1) to all of it (heads: 1 to H);
+        the MLP axis gets one point more, since its width is pruned furthest."""
+        heads = dense_config.num_attention_heads
+        head_dim = dense_config.hidden_size // heads
+
+        def axis(full: int, count: int, low: int | None = None) -> list[int]:
+            low = max(1, low if low is not None else full // 4)
+            return sorted({round(low + (full - low) * i / max(1, count - 1)) for i in range(count)})
+
+        return cls(hidden=axis(dense_config.hidden_size, points), heads=axis(heads, points, 1),
+                   qk_head_dims=axis(head_dim, points), v_head_dims=axis(head_dim, points),
+                   mlp=axis(dense_config.intermediate_size, points + 1, dense_config.intermediate_size // 8))
+
+    def validate(self) -> None:
+        for f in fields(self):
+            values = getattr(self, f.name)
+            ok = (isinstance(values, list) and values and all(isinstance(v, int) and v >= 1 for v in values)
+                  and values == sorted(set(values)))
+            if not ok:
+                raise ValueError(f"LatencyGrid.{f.name}={values!r} is invalid: allowed a non-empty ascending list of "
+                                 "distinct integers >= 1")
+
+
+# -- the table -----------------------------------------------------------------------------------------------------
+@dataclass
+class LatencyTable:
+    """Measured milliseconds per forward by width, and the key they were measured under.
+
+    Args:
+        key: what the timings depend on.
+        grid: the widths measured.
+        stem_ms: per residual width (grid.hidden): patch embedding + final LayerNorm + classifier head(s).
+        attention_ms: nested lists indexed [hidden][heads][qk_head_dims][v_head_dims].
+        mlp_ms: nested lists indexed [hidden][mlp].
+        meta: how it was measured (repeats, warm-up, seconds taken, date).
+    """
+
+    key: LatencyKey
+    grid: LatencyGrid
+    stem_ms: list[float]
+    attention_ms: list
+    mlp_ms: list
+    meta: dict
+
+    # -- predictions --------------------------------------------------------------------------------------------
+    def predict_stem(self, hidden: int) -> float:
+        return _interpolate([self.grid.hidden], self.stem_ms, [hidden])
+
+    def predict_attention(self, hidden: int, heads: int, qk_head_dim: int, v_head_dim: int) -> float:
+        if heads == 0:  # every head pruned: only o_proj's bias is added
+            return 0.0
+        axes = [self.grid.hidden, self.grid.heads, self.grid.qk_head_dims, self.grid.v_head_dims]
+        return _interpolate(axes, self.attention_ms, [hidden, heads, qk_head_dim, v_head_dim])
+
+    def predict_mlp(self, hidden: int, mlp: int) -> float:
+        if mlp == 0:
+            return 0.0
+        return _interpolate([self.grid.hidden, self.grid.mlp], self.mlp_ms, [hidden, mlp])
+
+    def predict_layers(self, hidden: int, layers: Iterable[dict]) -> float:
+        """Milliseconds of a model of residual width `hidden` with these blocks (`CompressedViTConfig.layers`
+        entries: `num_heads`, `qk_head_dim`, `v_head_dim`, `intermediate_size`), stem and head included."""
+        total = self.predict_stem(hidden)
+        for layer in layers:
+            total += self.predict_attention(hidden, layer["num_heads"], layer["qk_head_dim"], layer["v_head_dim"])
+            total += self.predict_mlp(hidden, layer["intermediate_size"])
+        return total
+
+    def predict_config(self, config) -> float:
+        """Milliseconds of the model of `config`: a `CompressedViTConfig`, or a dense ViT/DeiT config."""
+        if isinstance(config, CompressedViTConfig):
+            return self.predict_layers(config.hidden_size, config.layers)
+        head_dim = config.hidden_size // config.num_attention_heads
+        dense = {"num_heads": config.num_attention_heads, "qk_head_dim": head_dim, "v_head_dim": head_dim,
+                 "intermediate_size": config.intermediate_size}
+        return self.predict_layers(config.hidden_size, [dense] * config.num_hidden_layers)
+
+    # -- files ----------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"version": TABLE_VERSION, "key": asdict(self.key), "grid": asdict(self.grid),
+                "stem_ms": self.stem_ms, "attention_ms": self.attention_ms, "mlp_ms": self.mlp_ms, "meta": self.meta}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        os.replace(temporary, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expected_key: LatencyKey | None = None) -> LatencyTable:
+        """Read a saved table; with `expected_key`, refuse one measured under another key (naming the fields)."""
+        path = Path(path)
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"latency table {path}: cannot be read ({type(error).__name__}: {error})") from None
+        if not isinstance(values, dict) or values.get("version") != TABLE_VERSION:
+            raise ValueError(f"latency table {path}: not a version-{TABLE_VERSION} latency table")
+        try:
+            table = cls(LatencyKey(**values["key"]), LatencyGrid(**values["grid"]), values["stem_ms"],
+                        values["attention_ms"], values["mlp_ms"], values.get("meta", {}))
+        except (KeyError, TypeError) as error:
+            raise ValueError(f"latency table {path}: malformed ({type(error).__name__}: {error})") from None
+        table.grid.validate()
+        if expected_key is not None and table.key != expected_key:
+            raise ValueError(f"latency table {path} was measured under another setting ("
+                             + "; ".join(table.key.mismatch(expected_key)) + "): build one for this run")
+        return table
+
+
+def _interpolate(axes: Sequence[Sequence[int]], values, point: Sequence[float]) -> float:
+    """Multilinear interpolation of `values` (nested lists over `axes`) at `point`; linear extrapolation past an
+    axis' ends, and a single-point axis is constant."""
+    brackets = []  # per axis: ((index, weight), ...)
+    for axis, x in zip(axes, point):
+        if len(axis) == 1:
+            brackets.append(((0, 1.0),))
+            continue
+        upper = min(max(1, next((i for i, v in enumerate(axis) if v >= x), len(axis) - 1)), len(axis) - 1)
+        low, high = axis[upper - 1], axis[upper]
+        t = (x - low) / (high - low)
+        brackets.append(((upper - 1, 1.0 - t), (upper, t)))
+    total = 0.0
+    for corner in itertools.product(*brackets):
+        weight = math.prod(w for _, w in corner)
+        if weight:
+            cell = values
+            for index, _ in corner:
+                cell = cell[index]
+            total += weight * cell
+    return max(0.0, total)
+
+
+# -- measuring -----------------------------------------------------------------------------------------------------
+def time_call(function: Callable[[], Any], device: torch.device, warmup: int = 3, repeats: int = 7) -> float:
+    """Median milliseconds of `function()` after `warmup` calls (CUDA events and synchronisation on a GPU)."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            function()
+        samples = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                start.record()
+                function()
+                end.record()
+                torch.cuda.synchronize(device)
+                samples.append(start.elapsed_time(end))
+            else:
+                began = time.perf_counter()
+                function()
+                samples.append((time.perf_counter() - began) * 1e3)
+    return statistics.median(samples)
+
+
+def _part_config(dense_config, hidden: int, layers: list[dict], attn_implementation: str) -> CompressedViTConfig:
+    config = CompressedViTConfig(
+        hidden_size=hidden, layers=layers, image_size=dense_config.image_size, patch_size=dense_config.patch_size,
+        num_channels=getattr(dense_config, "num_channels", 3), hidden_act=getattr(dense_config, "hidden_act", "gelu"),
+        qkv_bias=getattr(dense_config, "qkv_bias", True), num_labels=dense_config.num_labels,
+        use_distillation_token=dense_config.model_type == "deit",
+        distillation_head=dense_config.model_type == "deit" and getattr(dense_config, "distillation_head", False),
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def _layer(heads: int, qk: int, v: int, mlp: int, scaling: float) -> dict:
+    return {"num_heads": heads, "qk_head_dim": qk, "v_head_dim": v, "intermediate_size": mlp, "scaling": scaling}
+
+
+def build_latency_table(dense_config, batch_size: int, dtype: str = "float32", device: str | torch.device = "cpu",
+                        attn_implementation: str = "sdpa", grid: LatencyGrid | None = None, warmup: int = 3,
+                        repeats: int = 7, progress: bool = True) -> LatencyTable:
+    """Time the parts of models shaped like `dense_config` on this device and build their table.
+
+    Args:
+        dense_config: the dense ViT/DeiT config (`model.config`): image and patch size, labels, the dense widths.
+        batch_size: images per forward.
+        dtype: `"float32"`, `"bfloat16"` or `"float16"`.
+        device: where to time (`"cpu"`, `"cuda"`, `"cuda:1"`).
+        attn_implementation: `"sdpa"` or `"eager"`, as the exported model will run.
+        grid: the widths to measure (default `LatencyGrid.for_model(dense_config)`).
+        warmup, repeats: calls before timing, and timed calls per cell (the median is kept).
+        progress: show a progress bar.
+    """
+    key = latency_key(dense_config, batch_size, dtype, device, attn_implementation)
+    grid = grid or LatencyGrid.for_model(dense_config)
+    grid.validate()
+    device, torch_dtype = torch.device(device), DTYPES[dtype]
+    scaling = (dense_config.hidden_size // dense_config.num_attention_heads) ** -0.5
+    cells = len(grid.hidden) * (1 + len(grid.heads) * len(grid.qk_head_dims) * len(grid.v_head_dims) + len(grid.mlp))
+    bar = _progress_bar(cells, progress)
+    began = time.perf_counter()
+    generator = torch.Generator().manual_seed(0)
+
+    def measure(module: nn.Module, inputs: torch.Tensor) -> float:
+        module = module.to(device=device, dtype=torch_dtype).eval()
+        value = time_call(lambda: module(inputs), device, warmup, repeats)
+        bar.update(1)
+        return value
+
+    stem, attention, mlp = [], [], []
+    for hidden in grid.hidden:
+        tokens = torch.randn(batch_size, key.tokens, hidden, generator=generator).to(device, torch_dtype)
+        config = _part_config(dense_config, hidden, [], attn_implementation)
+        model = CompressedViTForImageClassification(config)
+        pixels = torch.randn(batch_size, config.num_channels, *_pair(config.image_size), generator=generator)
+        stem.append(measure(model, pixels.to(device, torch_dtype)))
+        attention.append([[[measure(_AttentionPart(config, _layer(h, qk, v, 1, scaling)), tokens)
+                            for v in grid.v_head_dims] for qk in grid.qk_head_dims] for h in grid.heads])
+        mlp.append([measure(_MLPPart(config, _layer(1, 1, 1, width, scaling)), tokens) for width in grid.mlp])
+    bar.close()
+    meta = {"warmup": warmup, "repeats": repeats, "statistic": "median",
+            "seconds": round(time.perf_counter() - began, 1), "interpolation": "multilinear",
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return LatencyTable(key, grid, stem, attention, mlp, meta)
+
+
+class _AttentionPart(nn.Module):
+    """LayerNorm + attention of one block, as `CompressedViTLayer` runs them (the residual add included)."""
+
+    def __init__(self, config: CompressedViTConfig, layer: dict):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = CompressedViTAttention(config, layer)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.attention(self.norm(hidden_states))
+
+
+class _MLPPart(nn.Module):
+    """LayerNorm + MLP of one block, as `CompressedViTLayer` runs them (the residual add included)."""
+
+    def __init__(self, config: CompressedViTConfig, layer: dict):
+        super().__init__()
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CompressedViTMLP(config, layer)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.mlp(self.norm(hidden_states))
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="latency table", unit="cell", disable=not enabled)
+
+
+__all__ = ["LatencyGrid", "LatencyKey", "LatencyTable", "build_latency_table", "latency_key", "time_call"]

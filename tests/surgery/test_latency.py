@@ -1,0 +1,86 @@
+"""The latency model (`hf_vit_compress.surgery.latency`): a table builds on a tiny ViT, saves, reloads and predicts
+its own grid points exactly, interpolates linearly between them, and refuses a run with another key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_compressed_config, tiny_deit_config, tiny_vit_config
+
+from hf_vit_compress.cli import main
+from hf_vit_compress.surgery.latency import LatencyGrid, LatencyTable, build_latency_table, latency_key
+
+
+@pytest.fixture(scope="module")
+def table():
+    return build_latency_table(tiny_vit_config(), batch_size=2, warmup=1, repeats=2, progress=False)
+
+
+def test_a_table_builds_saves_reloads_and_predicts_its_grid_points_exactly(table, tmp_path):
+    path = table.save(tmp_path / "table.json")
+    loaded = LatencyTable.load(path, expected_key=latency_key(tiny_vit_config(), batch_size=2))
+    assert loaded.to_dict() == table.to_dict()
+    g = loaded.grid
+    for i, hidden in enumerate(g.hidden):
+        assert loaded.predict_stem(hidden) == pytest.approx(table.stem_ms[i], rel=1e-12)
+        for j, heads in enumerate(g.heads):
+            for k, qk in enumerate(g.qk_head_dims):
+                for m, v in enumerate(g.v_head_dims):
+                    assert loaded.predict_attention(hidden, heads, qk, v) == pytest.approx(
+                        table.attention_ms[i][j][k][m], rel=1e-12)
+        for j, width in enumerate(g.mlp):
+            assert loaded.predict_mlp(hidden, width) == pytest.approx(table.mlp_ms[i][j], rel=1e-12)
+    assert all(value > 0 for value in table.stem_ms)
+
+
+def test_predictions_are_piecewise_linear_between_grid_points(table):
+    g = table.grid
+    middle = (g.mlp[0] + g.mlp[1]) / 2
+    expected = (table.mlp_ms[0][0] + table.mlp_ms[0][1]) / 2
+    assert table.predict_mlp(g.hidden[0], middle) == pytest.approx(expected)
+    assert table.predict_attention(g.hidden[0], 0, 4, 4) == 0.0  # a block without heads adds only a bias
+
+
+def test_a_model_is_predicted_as_stem_plus_its_blocks(table):
+    config = make_compressed_config()
+    expected = table.predict_stem(config.hidden_size) + sum(
+        table.predict_attention(config.hidden_size, layer["num_heads"], layer["qk_head_dim"], layer["v_head_dim"])
+        + table.predict_mlp(config.hidden_size, layer["intermediate_size"]) for layer in config.layers)
+    assert table.predict_config(config) == pytest.approx(expected)
+    assert table.predict_config(tiny_vit_config()) > table.predict_stem(tiny_vit_config().hidden_size)
+
+
+@pytest.mark.parametrize("field, change", [("batch_size", dict(batch_size=8)), ("dtype", dict(dtype="bfloat16")),
+                                           ("attn_implementation", dict(attn_implementation="eager"))])
+def test_a_table_for_another_setting_is_refused_naming_the_field(table, tmp_path, field, change):
+    path = table.save(tmp_path / "table.json")
+    key = latency_key(tiny_vit_config(), **{"batch_size": 2, **change})
+    with pytest.raises(ValueError, match=rf"measured under another setting \({field}: "):
+        LatencyTable.load(path, expected_key=key)
+
+
+def test_a_deit_key_counts_the_distillation_token():
+    assert latency_key(tiny_deit_config(), 1).tokens == latency_key(tiny_vit_config(), 1).tokens + 1
+
+
+def test_bad_grids_and_files_are_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match=r"LatencyGrid.heads=\[2, 1\] is invalid"):
+        LatencyGrid(hidden=[8], heads=[2, 1], qk_head_dims=[2], v_head_dims=[2], mlp=[8]).validate()
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot be read"):
+        LatencyTable.load(tmp_path / "bad.json")
+
+
+def test_the_cli_builds_a_table(tmp_path, capsys):
+    from conftest import make_vit_classifier
+
+    make_vit_classifier().save_pretrained(tmp_path / "dense")
+    output = tmp_path / "table.json"
+    code = main(["profile-latency", str(tmp_path / "dense"), "--output", str(output), "--batch-size", "2",
+                 "--points", "2", "--repeats", "1", "--warmup", "0", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads(output.read_text())
+    assert saved["key"]["batch_size"] == 2 and len(saved["grid"]["hidden"]) == 2
+    assert "wrote" in capsys.readouterr().out
+    assert main(["profile-latency", str(tmp_path / "missing"), "--output", str(output)]) == 2
