@@ -56,6 +56,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -158,6 +159,9 @@ def parse_args(argv=None):
     parser.add_argument("--uvc-budget-dual-update", choices=("log", "additive"), default=None,
                         help="UVC: ascent of the budget dual (UVCConfig.budget_dual_update; 'additive' is the "
                              "paper's; default: the library's, 'log')")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE", dest="set_fields",
+                        help="any other OFBConfig / UVCConfig field for the search methods, e.g. "
+                             "ofb.embed_min_ratio=1.0 (value parsed as YAML; repeatable)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (0 = torch's default)")
     parser.add_argument("--cache-dir", default=str(C.REPO / "benchmarks" / ".cache"))
     parser.add_argument("--name", default=None,
@@ -407,6 +411,11 @@ def search_overrides(args, method: str, train_size: int) -> dict:
              "uvc.shared_head_dims": None if args.uvc_shared_head_dims is None else args.uvc_shared_head_dims == "on",
              "uvc.budget_control": args.uvc_budget_control, "uvc.budget_dual_update": args.uvc_budget_dual_update}
     overrides.update({key: value for key, value in flags.items() if value is not None})
+    for item in args.set_fields:
+        key, equals, raw = item.partition("=")
+        if not equals or key.count(".") != 1 or key.split(".")[0] not in ("ofb", "uvc"):
+            raise SystemExit(f"--set {item!r}: expected ofb.FIELD=VALUE or uvc.FIELD=VALUE")
+        overrides[key] = yaml.safe_load(raw)
     if args.ofb_elimination_rounds and overrides.get("ofb.budget_control") != "paper":
         overrides["ofb.elimination_rounds"] = args.ofb_elimination_rounds
     elif args.ofb_elimination_rounds:
