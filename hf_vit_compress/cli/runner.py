@@ -411,16 +411,20 @@ def _write_run_report(setup: TrainSetup, trainer, metrics: dict, examples: int |
     }
     if trainer.is_world_process_zero():
         trainer.save_metrics("all", metrics)
-        report["search_plot"] = str(_write_search_plot(trainer.compression_history, report, Path(t.output_dir)))
+        plot = _write_search_plot(trainer.compression_history, report, Path(t.output_dir))
+        report["search_plot"] = str(plot) if plot is not None else None
         (Path(t.output_dir) / "compression_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-def _write_search_plot(history: list[dict], report: dict, output_dir: Path) -> Path:
-    """The search's history (`history.json`) and its plot (`report.PLOT_FILES`), beside compression_report.json."""
+def _write_search_plot(history: list[dict], report: dict, output_dir: Path) -> Path | None:
+    """The search's history (`history.json`) and its plot (`report.PLOT_FILES`), beside compression_report.json;
+    no plot for a registered method that has none."""
     from ..publishing.report import PLOT_FILES, plot_search
 
     (output_dir / "history.json").write_text(json.dumps(history) + "\n")
+    if report["method"] not in PLOT_FILES:
+        return None
     return plot_search(history, report["method"], output_dir / PLOT_FILES[report["method"]],
                        target_ratio=report["target_flops"], architecture=report["architecture"],
                        final_macs_ratio=report["compressed_macs_ratio"])
