@@ -84,3 +84,20 @@ def test_the_cli_builds_a_table(tmp_path, capsys):
     assert saved["key"]["batch_size"] == 2 and len(saved["grid"]["hidden"]) == 2
     assert "wrote" in capsys.readouterr().out
     assert main(["profile-latency", str(tmp_path / "missing"), "--output", str(output)]) == 2
+
+
+def test_the_latency_benchmark_reports_its_prediction_errors(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import latency_table
+
+    results = latency_table.main(["--quick", "--batches", "1", "--heldout", "2", "--models", "1",
+                                  "--output-dir", str(tmp_path)])
+    (cell,) = results["cells"]
+    assert cell["shape"] == "deit-tiny" and cell["cells"] > 0
+    for kind in ("attention", "mlp", "model"):
+        assert all(predicted > 0 and measured > 0 for predicted, measured in cell[kind]["pairs_ms"])
+        assert cell[kind]["median_error"] >= 0
+    assert (tmp_path / "latency_table_quick.md").read_text().count("deit-tiny") == 1
