@@ -19,6 +19,7 @@ interpolated per-layer latency tables for transformers models.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -252,6 +253,67 @@ def _interpolate(axes: Sequence[Sequence[int]], values, point: Sequence[float]) 
     return max(0.0, total)
 
 
+class LatencyCost:
+    """A table's predictions as differentiable torch functions of the widths, for a search that holds expected
+    latency at a budget (the widths may be expectations over candidates, or soft counts): the same multilinear
+    interpolation as `LatencyTable.predict_*`, on tensors of any shape, gradients with respect to the widths
+    included, with no host synchronisation (indices from `torch.searchsorted` on the device).
+
+    Args:
+        table: the measured table.
+        device: where the widths will live.
+    """
+
+    def __init__(self, table: LatencyTable, device: str | torch.device = "cpu"):
+        g = table.grid
+        as_tensor = functools.partial(torch.tensor, dtype=torch.float32, device=device)
+        self.hidden_axis, self.heads_axis = as_tensor(g.hidden), as_tensor(g.heads)
+        self.qk_axis, self.v_axis, self.mlp_axis = as_tensor(g.qk_head_dims), as_tensor(g.v_head_dims), as_tensor(g.mlp)
+        self.stem_values = as_tensor(table.stem_ms)
+        self.attention_values = as_tensor(table.attention_ms)
+        self.mlp_values = as_tensor(table.mlp_ms)
+
+    def stem(self, hidden: torch.Tensor) -> torch.Tensor:
+        return _interpolate_tensor([self.hidden_axis], self.stem_values, [hidden])
+
+    def attention(self, hidden: torch.Tensor, heads: torch.Tensor, qk_head_dim: torch.Tensor,
+                  v_head_dim: torch.Tensor) -> torch.Tensor:
+        axes = [self.hidden_axis, self.heads_axis, self.qk_axis, self.v_axis]
+        value = _interpolate_tensor(axes, self.attention_values, [hidden, heads, qk_head_dim, v_head_dim])
+        return torch.where(heads > 0, value, torch.zeros_like(value))
+
+    def mlp(self, hidden: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+        value = _interpolate_tensor([self.hidden_axis, self.mlp_axis], self.mlp_values, [hidden, mlp])
+        return torch.where(mlp > 0, value, torch.zeros_like(value))
+
+
+def _interpolate_tensor(axes: Sequence[torch.Tensor], values: torch.Tensor, point: Sequence[torch.Tensor]):
+    """`_interpolate` on tensors: the points broadcast together; differentiable in the point."""
+    point = torch.broadcast_tensors(*[torch.as_tensor(x, dtype=values.dtype, device=values.device) for x in point])
+    lows, weights = [], []
+    for axis, x in zip(axes, point):
+        if axis.numel() == 1:
+            lows.append(torch.zeros_like(x, dtype=torch.long))
+            weights.append(None)
+            continue
+        upper = torch.searchsorted(axis, x.detach().contiguous()).clamp(1, axis.numel() - 1)
+        low, high = axis[upper - 1], axis[upper]
+        lows.append(upper - 1)
+        weights.append((x - low) / (high - low))
+    total = torch.zeros_like(point[0])
+    for corner in itertools.product((0, 1), repeat=len(axes)):
+        if any(offset and weight is None for offset, weight in zip(corner, weights)):
+            continue
+        weight = torch.ones_like(point[0])
+        index = []
+        for offset, low, t in zip(corner, lows, weights):
+            index.append(low + offset)
+            if t is not None:
+                weight = weight * (t if offset else 1 - t)
+        total = total + weight * values[tuple(index)]
+    return total.clamp(min=0.0)
+
+
 # -- measuring -----------------------------------------------------------------------------------------------------
 def time_call(function: Callable[[], Any], device: torch.device, warmup: int = 3, repeats: int = 7) -> float:
     """Median milliseconds of `function()` after `warmup` calls (CUDA events and synchronisation on a GPU)."""
@@ -369,4 +431,5 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="latency table", unit="cell", disable=not enabled)
 
 
-__all__ = ["LatencyGrid", "LatencyKey", "LatencyTable", "build_latency_table", "latency_key", "time_call"]
+__all__ = ["LatencyCost", "LatencyGrid", "LatencyKey", "LatencyTable", "build_latency_table", "latency_key",
+           "time_call"]

@@ -101,3 +101,27 @@ def test_the_latency_benchmark_reports_its_prediction_errors(tmp_path):
         assert all(predicted > 0 and measured > 0 for predicted, measured in cell[kind]["pairs_ms"])
         assert cell[kind]["median_error"] >= 0
     assert (tmp_path / "latency_table_quick.md").read_text().count("deit-tiny") == 1
+
+
+def test_the_differentiable_cost_matches_the_table_and_its_gradient_is_the_slope(table):
+    import torch
+
+    from hf_vit_compress.surgery.latency import LatencyCost
+
+    cost = LatencyCost(table)
+    g = table.grid
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        point = [float(torch.empty(()).uniform_(axis[0], axis[-1], generator=generator))
+                 for axis in (g.hidden, g.heads, g.qk_head_dims, g.v_head_dims)]
+        width = float(torch.empty(()).uniform_(g.mlp[0], g.mlp[-1], generator=generator))
+        assert cost.attention(*map(torch.tensor, point)).item() == pytest.approx(table.predict_attention(*point))
+        assert cost.mlp(torch.tensor(point[0]), torch.tensor(width)).item() == pytest.approx(
+            table.predict_mlp(point[0], width))
+    # batched, with gradients: d(latency)/d(width) is the slope of the interval the width lies in
+    widths = torch.tensor([float(g.mlp[0] + g.mlp[1]) / 2, float(g.mlp[1] + g.mlp[2]) / 2], requires_grad=True)
+    hidden = torch.full((2,), float(g.hidden[0]))
+    cost.mlp(hidden, widths).sum().backward()
+    slopes = [(table.mlp_ms[0][i + 1] - table.mlp_ms[0][i]) / (g.mlp[i + 1] - g.mlp[i]) for i in (0, 1)]
+    assert widths.grad.tolist() == pytest.approx(slopes, rel=1e-4)
+    assert cost.attention(hidden, torch.zeros(2), hidden, hidden).tolist() == [0.0, 0.0]
