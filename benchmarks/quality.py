@@ -159,6 +159,8 @@ def parse_args(argv=None):
     parser.add_argument("--uvc-budget-dual-update", choices=("log", "additive"), default=None,
                         help="UVC: ascent of the budget dual (UVCConfig.budget_dual_update; 'additive' is the "
                              "paper's; default: the library's, 'log')")
+    parser.add_argument("--ofb-distill", action="store_true",
+                        help="OFB distils from a frozen copy of the dense model (UVC always does)")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE", dest="set_fields",
                         help="any other OFBConfig / UVCConfig field for the search methods, e.g. "
                              "ofb.embed_min_ratio=1.0 (value parsed as YAML; repeatable)")
@@ -503,15 +505,19 @@ def run_one(method: str, budget: float, seed: int, dense, args, train_set, eval_
         model = copy.deepcopy(dense).train()
         with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
             at_search_end, trace = AccuracyAtSearchEnd(eval_set), SearchTrace()
+            # --ofb-distill: OFB distils from a frozen copy of the dense model as UVC always does (its recipe)
+            teacher = copy.deepcopy(dense).eval().requires_grad_(False) if (
+                method == "ofb" and args.ofb_distill) else None
             trainer = CompressionTrainer(model=model,
                                          args=training_arguments(args, tmp, args.steps, preset["lr"], seed),
-                                         compression_config=config, train_dataset=train_set,
+                                         compression_config=config, train_dataset=train_set, teacher=teacher,
                                          data_collator=collate_images, callbacks=[at_search_end, trace])
             trainer.train()
             final = trainer.export_compressed_model()
         search_steps = trainer.method.total_search_steps
         method_config = {k: v for k, v in config.to_dict().items() if k != ("uvc" if method == "ofb" else "ofb")}
         extra.update(accuracy_before_finetune=at_search_end.accuracy, search_steps=search_steps,
+                     distilled=trainer.teacher is not None,
                      search_warmup_steps=search_warmup_steps(config, search_steps),
                      steps_per_epoch=trainer.method.steps_per_epoch,
                      search_settings={"source": "library defaults" if args.search_settings == "library"
