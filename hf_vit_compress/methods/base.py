@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config import CompressionConfig
 from ..surgery.architecture import Architecture
+from ..surgery.cost import BudgetCost, budget_cost
 from ..surgery.flops import Geometry, architecture_macs, dense_macs, geometry
 from ..surgery.gating import Masks, architecture_masks
 from ..surgery.targets import ModelParts, model_parts
@@ -61,6 +62,15 @@ class CompressionMethod(nn.Module):
                 f"model's {self.dense_macs / 1e9:.6g} GMACs (at or above it nothing would be compressed; the papers' "
                 "\"FLOPs\" are MACs: use the same number as them, or target_flops for a fraction)"
             )
+        # What the budget is counted in (MACs, or a latency table's milliseconds for a speed budget): the methods
+        # hold `target_cost` with these prices; for a MACs budget they equal dense_macs / target_macs.
+        self.cost: BudgetCost = budget_cost(model, config)
+        self.dense_cost = self.dense_macs if self.cost.kind == "macs" else self.cost.dense()
+        self.target_cost = config.target_cost(self.dense_cost, self.dense_macs)
+        if self.cost.kind == "latency" and self.target_cost >= self.dense_cost:
+            raise ValueError(
+                f"CompressionConfig.target_latency_ms={config.target_latency_ms} is invalid: allowed a budget below "
+                f"the dense model's predicted {self.dense_cost:.4g} ms on this device (nothing would be compressed)")
         self.total_search_steps = 1
         self.steps_per_epoch = 1.0
         self.register_buffer("finalized", torch.tensor(False))
@@ -173,6 +183,17 @@ class CompressionMethod(nn.Module):
 
     def architecture_macs(self, architecture: Architecture) -> int:
         return architecture_macs(self.geometry, architecture)
+
+    def architecture_cost(self, architecture: Architecture) -> float:
+        """`architecture`'s price in the budget's unit (its MACs for a MACs budget)."""
+        if self.cost.kind == "macs":
+            return self.architecture_macs(architecture)
+        return self.cost.architecture(architecture)
+
+    @property
+    def target_cost_ratio(self) -> float:
+        """The budget as a fraction of the dense model's cost (MACs, or predicted milliseconds)."""
+        return float(self.target_cost) / float(self.dense_cost)
 
     # -- multi-process (scale-out) -----------------------------------------------------------------------------
     def search_state(self) -> dict[str, torch.Tensor]:

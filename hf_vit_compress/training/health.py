@@ -33,6 +33,7 @@ COMPONENTS = {
     "module_loss": "one-hot/module loss",
     "flops_loss": "FLOPs loss",
     "expected_macs_ratio": "expected MACs (FLOPs loss input)",
+    "expected_latency_ratio": "expected latency by the latency table (speed budget)",
     "uvc/ratio": "UVC budget ratio R",
     "uvc/budget_dual": "UVC budget dual z",
 }

@@ -15,7 +15,6 @@ from torch import nn
 
 from ...config import CompressionConfig
 from ...surgery.architecture import Architecture, LayerArchitecture
-from ...surgery.flops import macs_from_width_tensors, macs_from_widths
 from ...surgery.gating import Masks
 from ...training.device_logs import LogWindow
 from ..base import CompressionMethod
@@ -76,6 +75,7 @@ class OFBMethod(CompressionMethod):
         )
         # host copy of the narrowest embedding candidate: the masks keep at least this many channels (mean fill)
         self._min_embed_width = min(embed_choices(geo.hidden_size, settings))
+        self._build_cost_tables()
         self.pmim = PMIM(self.parts, settings.pmim_window) if settings.pmim else None
         self.lam = settings.lambda_start
         self.progress = 0.0
@@ -103,21 +103,49 @@ class OFBMethod(CompressionMethod):
             modules[f"mlp.{index}"] = mlp
         return modules
 
-    def _macs_for(self, hidden, attention_widths, mlp_widths):
-        return macs_from_widths(self.geometry, hidden, attention_widths, attention_widths, mlp_widths)
+    # -- prices -------------------------------------------------------------------------------------------------
+    def _build_cost_tables(self) -> None:
+        """The budget's price (`self.cost`: MACs or a latency table's ms) of every candidate at every embedding
+        candidate: the stem (E,), an attention module (E, K_attention), an MLP module (E, K_mlp); as Python numbers
+        (exact MACs for the decisions) and float32 buffers (the search's expectations). The expected cost over the
+        candidates is then exact for any price, MACs or measured time: the candidates are independent, so
+        E[cost] = p_embed . (stem + attention @ sum_l p_attention_l + mlp @ sum_l p_mlp_l)."""
+        cost = self.cost
+        embed = self.embed.widths.tolist()
+        heads, dims = self.attention.head_counts.tolist(), self.attention.dim_counts.tolist()
+        attention = [(h, d) for h in heads for d in dims]  # row-major, like the attention candidates
+        mlp = self.mlp.widths.tolist()
+        self._stem_costs = [cost.stem(width) for width in embed]
+        self._attention_costs = [[cost.attention(width, h, d, d) for h, d in attention] for width in embed]
+        self._mlp_costs = [[cost.mlp(width, m) for m in mlp] for width in embed]
+        for name, values in (("stem", self._stem_costs), ("attention", self._attention_costs),
+                             ("mlp", self._mlp_costs)):
+            self.register_buffer(f"_{name}_cost_table", torch.tensor(values, dtype=torch.float64).float(),
+                                 persistent=False)
+
+    def _expected_cost(self, attention: torch.Tensor, mlp: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+        """E[cost] from the candidates' probabilities: attention (L, K_attention), mlp (L, K_mlp), embed (K_embed)."""
+        per_embed = (self._stem_cost_table + self._attention_cost_table @ attention.sum(0)
+                     + self._mlp_cost_table @ mlp.sum(0))
+        return embed @ per_embed
+
+    def _choice_cost(self, choices: dict[str, int]) -> float:
+        """The price of one candidate per module (`choices`: candidate index by module name), from the host tables."""
+        embed = choices["embed"]
+        return (self._stem_costs[embed]
+                + sum(self._attention_costs[embed][choices[f"attn.{i}"]] for i in range(len(self.attention)))
+                + sum(self._mlp_costs[embed][choices[f"mlp.{i}"]] for i in range(len(self.mlp))))
 
     def _check_budget_reachable(self) -> None:
-        smallest = self._macs_for(
-            int(self.embed.widths.min()),
-            [int(a.widths.min()) for a in self.attention],
-            [int(m.widths.min()) for m in self.mlp],
-        )
-        if smallest > self.target_macs:
+        narrowest = {name: int(module.widths.argmin()) for name, module in self.searchable_modules().items()}
+        smallest = self._choice_cost(narrowest)
+        if not self.cost.within(smallest, self.target_cost):
+            field = "target_flops" if self.cost.kind == "macs" else "target_speedup / target_latency_ms"
             raise ValueError(
-                f"CompressionConfig.target_flops: the budget {self.target_macs / self.dense_macs:.3f} of the dense "
-                f"MACs is below the smallest model in the OFB search space ({smallest / self.dense_macs:.3f}); "
-                "raise target_flops or widen the search space (ofb.head_choices, ofb.head_dim_ratios, "
-                "ofb.mlp_ratios, ofb.embed_min_ratio)."
+                f"CompressionConfig.{field}: the budget {self.target_cost_ratio:.3f} of the dense {self.cost.unit} is "
+                f"below the smallest model in the OFB search space ({smallest / self.dense_cost:.3f}); "
+                f"{'raise' if self.cost.kind == 'macs' else 'relax'} {field} or widen the search space "
+                "(ofb.head_choices, ofb.head_dim_ratios, ofb.mlp_ratios, ofb.embed_min_ratio)."
             )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -139,27 +167,27 @@ class OFBMethod(CompressionMethod):
         logits in (the same slope for every module, so no kind of module is singled out by its MACs price)."""
         return [group.widths.float() / group.widths.max() for group in self.groups().values()]
 
-    def _expected_macs_at(self, shift: torch.Tensor, relative_widths: list[torch.Tensor]) -> torch.Tensor:
-        """E[MACs] if every module's logits were alpha - shift * relative width (a function of `shift` alone)."""
-        expected = []
+    def _expected_cost_at(self, shift: torch.Tensor, relative_widths: list[torch.Tensor]) -> torch.Tensor:
+        """E[cost] if every module's logits were alpha - shift * relative width (a function of `shift` alone)."""
+        probabilities = []
         for group, relative in zip(self.groups().values(), relative_widths):
             logits = (group.alpha.detach().float() - shift * relative).masked_fill(~group.active, float("-inf"))
-            expected.append(logits.softmax(-1) @ group.widths.float())
-        attention, mlp, embed = expected
-        return macs_from_width_tensors(self.geometry, embed, attention, attention, mlp)
+            probabilities.append(logits.softmax(-1))
+        return self._expected_cost(*probabilities)
 
     @torch.no_grad()
     def hold_budget(self, newton_steps: int = 1) -> None:
-        """Project the architecture logits onto E[MACs] = target: alpha <- alpha - t * relative width, with t from
-        Newton steps on E(t) (monotone in t), its slope by a forward difference (two evaluations, no backward). All
-        on the device, no host read. Run after every optimizer step, where alpha moved by about its learning rate,
-        one step from t = 0 is enough; the other loss terms decide how the budget is shared but never move it."""
+        """Project the architecture logits onto E[cost] = target (MACs, or predicted ms): alpha <- alpha - t * relative
+        width, with t from Newton steps on E(t) (monotone in t), its slope by a forward difference (two evaluations,
+        no backward). All on the device, no host read. Run after every optimizer step, where alpha moved by about its
+        learning rate, one step from t = 0 is enough; the other loss terms decide how the budget is shared but never
+        move it."""
         shift = torch.zeros((), device=self.embed.alpha.device)
-        target = float(self.target_macs)  # a Python number: no host-to-device copy per step
+        target = float(self.target_cost)  # a Python number: no host-to-device copy per step
         relative_widths = self._relative_widths()  # once per projection: both evaluations and the update use it
         for _ in range(newton_steps):
-            expected = self._expected_macs_at(shift, relative_widths)
-            slope = (self._expected_macs_at(shift + SLOPE_DELTA, relative_widths) - expected) / SLOPE_DELTA
+            expected = self._expected_cost_at(shift, relative_widths)
+            slope = (self._expected_cost_at(shift + SLOPE_DELTA, relative_widths) - expected) / SLOPE_DELTA
             # every module final: nothing left to move (slope 0)
             step = torch.where(slope < -1e-6 * target, (expected - target) / slope.clamp(max=-1e-12), 0.0)
             shift = shift - step.clamp(-MAX_SHIFT_STEP, MAX_SHIFT_STEP)
@@ -252,12 +280,19 @@ class OFBMethod(CompressionMethod):
             self._candidates = (key, padded_candidates(list(groups)))
         return self._candidates[1]
 
-    def expected_macs(self, terms: dict | None = None) -> torch.Tensor:
-        """Differentiable expected MACs from the summed V masks (expected widths), all blocks at once."""
+    def expected_cost(self, terms: dict | None = None) -> torch.Tensor:
+        """Differentiable expected cost (MACs, or predicted ms for a speed budget) over the candidates."""
         terms = self._terms() if terms is None else terms
-        attention_widths = terms["attention"][2].sum((-2, -1))
-        return macs_from_width_tensors(self.geometry, terms["embed"][2].sum(), attention_widths, attention_widths,
-                                       terms["mlp"][2].sum(-1))
+        return self._expected_cost(terms["attention"][0], terms["mlp"][0], terms["embed"][0])
+
+    def expected_macs(self, terms: dict | None = None) -> torch.Tensor:
+        """`expected_cost` (the name of the MACs budget's era; under a speed budget it is predicted ms)."""
+        return self.expected_cost(terms)
+
+    @property
+    def _ratio_key(self) -> str:
+        """The logged name of E[cost] / dense cost: `expected_macs_ratio`, or `expected_latency_ratio`."""
+        return f"expected_{self.cost.kind}_ratio"
 
     def loss(self, task_loss: torch.Tensor, logits: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, dict]:
         logs: dict[str, torch.Tensor] = {}
@@ -276,11 +311,11 @@ class OFBMethod(CompressionMethod):
         groups = list(self.groups().values())
         module_losses = total_module_loss(groups, [terms[name][0] for name in self.groups()],
                                           [terms[name][1] for name in self.groups()], self._padded_candidates())
-        expected = self.expected_macs(terms)
+        expected = self.expected_cost(terms)
         total = total + settings.module_loss_weight * module_losses
-        logs.update(module_loss=module_losses.detach(), expected_macs_ratio=expected.detach() / self.dense_macs)
+        logs.update({"module_loss": module_losses.detach(), self._ratio_key: expected.detach() / self.dense_cost})
         if not self.dual_budget:  # the paper's FLOPs loss; the projection holds the budget otherwise
-            flops_loss = ((expected - self.target_macs) / self.dense_macs) ** 2
+            flops_loss = ((expected - self.target_cost) / self.dense_cost) ** 2
             total = total + settings.flops_loss_weight * flops_loss
             logs["flops_loss"] = flops_loss.detach()
         return total, logs
@@ -318,13 +353,6 @@ class OFBMethod(CompressionMethod):
             return choices  # fixed by finalize(): the same units every time (only the scales keep training)
         return self._project_to_budget(modules, choices)
 
-    def _choice_macs(self, choices: dict[str, int]) -> float:
-        return self._macs_for(
-            int(self.embed.widths[choices["embed"]]),
-            [int(a.widths[choices[f"attn.{i}"]]) for i, a in enumerate(self.attention)],
-            [int(m.widths[choices[f"mlp.{i}"]]) for i, m in enumerate(self.mlp)],
-        )
-
     def _project_to_budget(self, modules: dict[str, SearchableWidth], choices: dict[str, int]) -> dict[str, int]:
         """Greedy: shrink (most probable smaller candidate first) until within budget, then grow (most probable
         active larger candidate that still fits) so the result lands just under the budget."""
@@ -342,14 +370,15 @@ class OFBMethod(CompressionMethod):
                     if (width < current) if shrink else (width > current and in_play[name][k]):
                         yield (probabilities[name][k], width if shrink else -width), name, k
 
-        while self._choice_macs(choices) > self.target_macs:
+        fits = lambda trial: self.cost.within(self._choice_cost(trial), self.target_cost)  # noqa: E731
+        while not fits(choices):
             _, name, k = max(moves(shrink=True), key=lambda move: move[0])
             choices[name] = k
         while True:
             fitting = []
             for key, name, k in moves(shrink=False):
                 trial = {**choices, name: k}
-                if self._choice_macs(trial) <= self.target_macs:
+                if fits(trial):
                     fitting.append((key, name, k))
             if not fitting:
                 return choices
@@ -415,12 +444,14 @@ class OFBMethod(CompressionMethod):
         terms = self._terms()
         # hard_macs_ratio: every module at its most probable candidate (what decide() starts from, before the
         # projection); budget_dual: the total shift of the budget projection (0 under the paper's budget control)
-        hard = {name: group.widths.take(terms[name][0].argmax(-1)).float()  # take: a 0-dim index would sync
+        # one-hot of the most probable candidates, compared on the device (F.one_hot reads the indices back to check
+        # them; a 0-dim index would sync too)
+        hard = {name: (terms[name][0].argmax(-1, keepdim=True)
+                       == torch.arange(len(group.widths), device=group.widths.device)).float()
                 for name, group in self.groups().items()}
-        hard_macs = macs_from_width_tensors(self.geometry, hard["embed"], hard["attention"], hard["attention"],
-                                            hard["mlp"])
-        names = ["expected_macs_ratio", "hard_macs_ratio", "budget_dual"]
-        values = [(self.expected_macs(terms) / self.dense_macs).reshape(1), (hard_macs / self.dense_macs).reshape(1),
+        hard_cost = self._expected_cost(hard["attention"], hard["mlp"], hard["embed"])
+        names = [self._ratio_key, f"hard_{self.cost.kind}_ratio", "budget_dual"]
+        values = [(self.expected_cost(terms) / self.dense_cost).reshape(1), (hard_cost / self.dense_cost).reshape(1),
                   self.budget_dual.float().reshape(1)]
         modules = {"embed": [""], "attention": [f".{i}" for i in range(len(self.attention))],
                    "mlp": [f".{i}" for i in range(len(self.mlp))]}
@@ -460,7 +491,8 @@ class OFBMethod(CompressionMethod):
 
     @torch.no_grad()
     def search_macs_ratio(self) -> float:
-        return float(self.expected_macs() / self.dense_macs)
+        """E[cost] / dense cost before the decision (MACs, or predicted ms under a speed budget)."""
+        return float(self.expected_cost() / self.dense_cost)
 
     def export_architecture(self) -> Architecture:
         """The final units with the CURRENT learnable scales (fine-tuning keeps training them)."""

@@ -1,9 +1,12 @@
-"""UVC's budget terms: R (expected MACs / dense MACs) of the counts and skip gates, its gradients, and the budget
+"""UVC's budget terms: R (expected cost / dense cost) of the counts and skip gates, its gradients, and the budget
 held by projection (`UVCConfig.budget_control="projection"`, a deviation from the paper).
 
 `UVCBudget` is the part of `UVCMethod` that prices the counts: R counts the MACs of `flops.block_macs` (plus stem
 and classifier head) at the kept widths, weighted by the blocks' run probabilities; `block_macs` is bilinear in the
-widths and the residual width, so R and its derivatives come from six per-unit coefficients.
+widths and the residual width, so R and its derivatives come from six per-unit coefficients. Under a speed budget
+(`CompressionConfig.target_speedup`) R prices the same widths by the latency table instead (`surgery.cost`), and its
+count gradients come from autograd through the table's piecewise-multilinear interpolation; everything else below
+(the dual, the projection, the offset) is the same code in the budget's unit.
 
 The projection. The paper's primal-dual search meets the budget through the dual z of R <= B: z grows while R > B,
 the counts follow, and R overshoots (on the medium CIFAR-10 benchmark at 30% MACs, to 0.08-0.09 after its warm-up in
@@ -90,9 +93,19 @@ class UVCBudget:
     theta: torch.Tensor  # (L, 2) skip / run logits
     budget_offset: torch.Tensor  # budget_control="projection": the continuous R's offset from B
 
+    cost: Any  # surgery.cost.BudgetCost: MACs, or a latency table's milliseconds
+    dense_cost: float
+    target_cost_ratio: float
+
     @property
     def target_ratio(self) -> float:
-        return float(self.target_macs) / float(self.dense_macs)
+        """B, the budget as a fraction of the dense cost (MACs, or predicted milliseconds for a speed budget)."""
+        return self.target_cost_ratio
+
+    @property
+    def _priced_by_table(self) -> bool:
+        """A speed budget: R is priced by the latency table (autograd gradients), not MACs' closed form."""
+        return self.cost.kind != "macs"
 
     def _linear_macs_coefficients(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """(MACs at residual width 0, MACs per residual channel) of one q/k channel, one value channel and one MLP
@@ -187,14 +200,28 @@ class UVCBudget:
                      unit_macs: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per block `block_macs` at qk = heads * d (heads * v_dim with `shared_head_dims`), v = heads * v_dim, the
         MLP width and the residual width (tensors), and the MACs of one head of that block (per_qk * d, or
-        per_qk * v_dim, + per_v * v_dim); `unit_macs`: `_unit_macs(hidden_kept)` when the caller has it."""
+        per_qk * v_dim, + per_v * v_dim); `unit_macs`: `_unit_macs(hidden_kept)` when the caller has it. A speed
+        budget prices each block by the latency table instead (and has no per-head cost: None)."""
+        if self._priced_by_table:
+            return self._table_block_costs(heads_kept, vdim_kept, mlp_kept, hidden_kept), None
         per_qk, per_v, per_mlp = self._unit_macs(hidden_kept) if unit_macs is None else unit_macs
         qk_dim = vdim_kept if self.config.uvc.shared_head_dims else self.geometry.head_dim
         per_head = per_v * vdim_kept + per_qk * qk_dim
         return torch.addcmul(per_mlp * mlp_kept, heads_kept, per_head), per_head
 
+    def _table_block_costs(self, heads_kept, vdim_kept, mlp_kept, hidden_kept) -> torch.Tensor:
+        """Per block the latency table's milliseconds of its attention and MLP at these (tensor) widths."""
+        hidden = torch.as_tensor(hidden_kept, dtype=torch.float32, device=heads_kept.device).expand_as(heads_kept)
+        qk_dim = vdim_kept if self.config.uvc.shared_head_dims else torch.full_like(vdim_kept, self.geometry.head_dim)
+        return self.cost.attention(hidden, heads_kept, qk_dim, vdim_kept) + self.cost.mlp(hidden, mlp_kept)
+
+    def _stem_cost(self, hidden_kept):
+        if self._priced_by_table:
+            return self.cost.stem(hidden_kept)
+        return stem_and_head_macs(self.geometry, hidden_kept)
+
     def _ratio(self, costs: torch.Tensor, run: torch.Tensor, hidden_kept) -> torch.Tensor:
-        return (stem_and_head_macs(self.geometry, hidden_kept) + (run * costs).sum()) / float(self.dense_macs)
+        return (self._stem_cost(hidden_kept) + (run * costs).sum()) / float(self.dense_cost)
 
     @torch.no_grad()
     def _project_to_budget(self, ratio_and_gradients: tuple | None = None) -> None:
@@ -218,7 +245,10 @@ class UVCBudget:
                                                                 torch.Tensor | None]:
         """R (noise-free gates), dR/dcounts (L, 3) (straight-through ceil: d ceil(s)/ds = 1), dR/dtheta (L, 2) and
         dR/ds_D (0-dim, None when the residual width is not searched), from R's bilinear form (see
-        `_linear_macs_coefficients`); at the ceiled counts, or (`ceil=False`) at the continuous ones."""
+        `_linear_macs_coefficients`); at the ceiled counts, or (`ceil=False`) at the continuous ones. A speed budget
+        takes dR/dcounts and dR/ds_D by autograd through the table's interpolation (`_table_ratio_and_gradients`)."""
+        if self._priced_by_table:
+            return self._table_ratio_and_gradients(ceil)
         heads_kept, vdim_kept, mlp_kept, hidden_kept = self._kept_widths(ceil)
         unit_macs = self._unit_macs(hidden_kept)
         per_qk, per_v, per_mlp = unit_macs
@@ -243,3 +273,31 @@ class UVCBudget:
         d_run = costs * run * (1.0 - run) * (1.0 / (dense * self.config.uvc.gumbel_tau))
         ratio = self._ratio(costs, run, hidden_kept)
         return ratio, torch.stack(grads, 1), torch.stack([-d_run, d_run], 1), d_hidden
+
+    def _table_ratio_and_gradients(self, ceil: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                               torch.Tensor | None]:
+        """`_ratio_and_gradients` priced by the latency table: the interpolation is piecewise multilinear, so the
+        gradients are those of the grid cell the widths are in (straight-through ceil, as for MACs); dR/dtheta has
+        the same closed form as for MACs (R is linear in each block's run probability)."""
+        geo = self.geometry
+        with torch.enable_grad():
+            counts = self.counts.detach().float().requires_grad_(True)
+            rounded = straight_through_ceil(counts) if ceil else counts
+            columns = rounded.unbind(1)
+            hidden, hidden_count = geo.hidden_size, None
+            if self.prune_hidden:
+                hidden_count = self.hidden_count.detach().float().requires_grad_(True)
+                hidden = geo.hidden_size - (straight_through_ceil(hidden_count) if ceil else hidden_count)
+            costs = self._table_block_costs(geo.num_heads - columns[HEADS], geo.head_dim - columns[VDIMS],
+                                            geo.intermediate_size - columns[MLP], hidden)
+            run = self._gate_probabilities()[:, 1].detach()
+            ratio = self._ratio(costs, run, hidden)
+            inputs = [counts] + ([hidden_count] if self.prune_hidden else [])
+            grads = torch.autograd.grad(ratio, inputs, allow_unused=True)
+        d_counts = grads[0] if grads[0] is not None else torch.zeros_like(counts)
+        d_hidden = None
+        if self.prune_hidden:
+            d_hidden = grads[1] if grads[1] is not None else torch.zeros_like(hidden_count)
+        costs = costs.detach()
+        d_run = costs * run * (1.0 - run) * (1.0 / (float(self.dense_cost) * self.config.uvc.gumbel_tau))
+        return ratio.detach(), d_counts, torch.stack([-d_run, d_run], 1), d_hidden

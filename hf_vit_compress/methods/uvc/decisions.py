@@ -19,8 +19,8 @@ class UVCDecisions:
     """`decide()` and `finalize()` for `UVCMethod`.
 
     The contract with the class it is mixed into: the attributes annotated below, plus the methods
-    `architecture_macs(architecture)` (`CompressionMethod`), `hard_ratio()` (`UVCBudget`) and
-    `_groups()` (`UVCMethod`: the current least-k sets).
+    `architecture_macs(architecture)` and `architecture_cost(architecture)` (`CompressionMethod`), `hard_ratio()`
+    (`UVCBudget`) and `_groups()` (`UVCMethod`: the current least-k sets).
     """
 
     # -- provided by UVCMethod / CompressionMethod ------------------------------------------------------------
@@ -29,6 +29,8 @@ class UVCDecisions:
     name: str
     target_macs: float
     dense_macs: int
+    cost: Any  # surgery.cost.BudgetCost: what the budget is counted in
+    target_cost: float
     prune_hidden: bool
     theta: torch.Tensor  # (L, 2) skip / run logits
     final_heads: torch.Tensor  # the final architecture's keep buffers (empty until finalize())
@@ -57,18 +59,23 @@ class UVCDecisions:
             hidden = None
             if self.prune_hidden:
                 hidden = ProjectionHidden.from_sets(groups.hidden.scores, groups.hidden.removed)
-        removed, rounded = project_and_round(layers, geo, self.target_macs, self.config.uvc.channel_multiple, hidden)
+        removed, rounded = project_and_round(layers, self.cost, self.target_cost, self.config.uvc.channel_multiple,
+                                             hidden)
         architecture = Architecture(
             layers=[layer.to_layer_architecture(geo.head_dim) for layer in layers],
             hidden_channels=hidden.channels() if hidden is not None else list(range(geo.hidden_size)),
         )
+        price = self.architecture_cost(architecture)
+        if not self.cost.within(price, self.target_cost):  # cannot happen: the projection prices the same way
+            raise RuntimeError(f"UVC final projection failed: {price} {self.cost.unit} > target "
+                               f"{self.target_cost:.6g}")
         macs = self.architecture_macs(architecture)
-        if macs > self.target_macs:  # cannot happen: _project_to_budget counts with the same formula
-            raise RuntimeError(f"UVC final projection failed: {macs} MACs > target {self.target_macs:.0f}")
         architecture.metadata.update(
             method=self.name, macs=macs, ratio=macs / self.dense_macs, target_macs=float(self.target_macs),
             hard_ratio=self.hard_ratio(), projection_removals=removed, rounding_removals=rounded,
         )
+        if self.cost.kind != "macs":
+            architecture.metadata.update(predicted_ms=price, target_ms=float(self.target_cost))
         return architecture
 
     def finalize(self) -> Architecture:

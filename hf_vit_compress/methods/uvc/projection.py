@@ -1,15 +1,16 @@
-"""UVC's final projection: from the search's hard architecture to one whose MACs are AT or UNDER the budget.
+"""UVC's final projection: from the search's hard architecture to one whose cost is AT or UNDER the budget.
 
-The official code ends wherever the primal-dual iterates stop (its DeiT-T run for a 50% budget ended at 42.7%
-FLOPs); here the last step greedily removes the unit group with the least damage per MAC saved until
-`architecture_macs <= target` holds exactly; with `UVCConfig.channel_multiple` > 1 (default 8) MLP widths, value
-head dims and the residual width (when searched) of large enough dimensions are never cut below the multiple and
-are rounded to multiples of it (kernel-friendly shapes: fused sdpa kernels and bf16 tensor-core GEMMs want multiples
-of 8; see `hf_vit_compress.surgery.kernels`). Finally the units not kept (MLP units, value dims, whole heads; residual
-channels only up to the search's width) come back, best score per MAC first, while the MACs fit (in blocks of the
-multiple for the rounded widths, one at a time for the others), so the result lands
-just under the budget rather than wherever the last removal left it (one head is several points of the MACs of a
-small model).
+The cost is the budget's (`surgery.cost.BudgetCost`): MACs, or a latency table's milliseconds for a speed budget;
+every price below comes from it, so "per MAC" reads "per unit of cost". The official code ends wherever the
+primal-dual iterates stop (its DeiT-T run for a 50% budget ended at 42.7% FLOPs); here the last step greedily
+removes the unit group with the least damage per MAC saved until the cost fits the target exactly; with
+`UVCConfig.channel_multiple` > 1 (default 8) MLP widths, value head dims and the residual width (when searched) of
+large enough dimensions are never cut below the multiple and are rounded to multiples of it (kernel-friendly shapes:
+fused sdpa kernels and bf16 tensor-core GEMMs want multiples of 8; see `hf_vit_compress.surgery.kernels`). Finally
+the units not kept (MLP units, value dims, whole heads; residual channels only up to the search's width) come back,
+best score per MAC first, while the cost fits (in blocks of the multiple for the rounded widths, one at a time for
+the others), so the result lands just under the budget rather than wherever the last removal left it (one head is
+several points of the MACs of a small model).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import bisect
 from typing import TYPE_CHECKING
 
 from ...surgery.architecture import LayerArchitecture
-from ...surgery.flops import block_macs, stem_and_head_macs
+from ...surgery.cost import BudgetCost, as_cost
 
 if TYPE_CHECKING:
     from .groups import UnitGroups
@@ -29,11 +30,13 @@ def _descending(unit: tuple[float, int]) -> tuple[float, int]:
     return -unit[0], -unit[1]
 
 
-def _total_macs(layers: list["ProjectionLayer"], geo, hidden: "ProjectionHidden | None" = None,
-                width: int | None = None) -> int:
-    """MACs of the whole model; at residual width `width` (default: `hidden`'s, or the dense one)."""
-    width = width if width is not None else hidden.width if hidden is not None else geo.hidden_size
-    return int(stem_and_head_macs(geo, width)) + sum(layer.macs(geo, hidden=width) for layer in layers)
+def _total_macs(layers: list["ProjectionLayer"], cost: BudgetCost, hidden: "ProjectionHidden | None" = None,
+                width: int | None = None) -> float:
+    """The whole model's price (`cost`: MACs, exact integers, or a latency table's ms); at residual width `width`
+    (default: `hidden`'s, or the dense one)."""
+    cost = as_cost(cost)
+    width = width if width is not None else hidden.width if hidden is not None else cost.geometry.hidden_size
+    return cost.stem(width) + sum(layer.macs(cost, hidden=width) for layer in layers)
 
 
 class ProjectionHidden:
@@ -123,40 +126,42 @@ class ProjectionLayer:
     def v_dim(self) -> int:
         return len(next(iter(self.heads.values()))) if self.heads else 0
 
-    def macs(self, geo, heads=None, v_dim=None, mlp=None, hidden=None) -> int:
+    def macs(self, cost, heads=None, v_dim=None, mlp=None, hidden=None) -> int:
+        cost = as_cost(cost)
         if not self.keep:
             return 0
         heads = self.num_heads if heads is None else heads
         v_dim = self.v_dim if v_dim is None else v_dim
         mlp = len(self.mlp) if mlp is None else mlp
         if hidden is None:
-            hidden = self.hidden.width if self.hidden is not None else geo.hidden_size
-        qk_dim = v_dim if self.shared_head_dims else geo.head_dim
-        return int(block_macs(geo.tokens, hidden, heads * qk_dim, heads * v_dim, mlp))
+            hidden = self.hidden.width if self.hidden is not None else cost.geometry.hidden_size
+        qk_dim = v_dim if self.shared_head_dims else cost.geometry.head_dim
+        return cost.block(hidden, heads, qk_dim, v_dim, mlp)
 
     def _weakest_head(self) -> int:
         return min(self.heads, key=lambda head: (self.head_sums[head], head))
 
-    def best_candidate(self, geo, may_remove_block: bool, floors: dict[str, int] | None = None):
+    def best_candidate(self, cost, may_remove_block: bool, floors: dict[str, int] | None = None):
         """(damage / MACs saved, kind order, kind) of the cheapest single removal this block allows, or None.
 
         Damage = squared column norms removed: an MLP unit, one value dim in every kept head (the lowest of
         each), the weakest head, or (if allowed) the whole block. MLP widths and value head dims stay at or above
         `floors` ("mlp", "vdim"; default 1).
         """
+        cost = as_cost(cost)
         if not self.keep:
             return None
         floors = floors or {}
-        current = self.macs(geo)
+        current = self.macs(cost)
         options = []
         if len(self.mlp) > floors.get("mlp", 1):
-            options.append((self.mlp[-1][0], current - self.macs(geo, mlp=len(self.mlp) - 1), "mlp"))
+            options.append((self.mlp[-1][0], current - self.macs(cost, mlp=len(self.mlp) - 1), "mlp"))
         if self.v_dim > floors.get("vdim", 1):
             damage = sum(dims[-1][0] for dims in self.heads.values())
-            options.append((damage, current - self.macs(geo, v_dim=self.v_dim - 1), "vdim"))
+            options.append((damage, current - self.macs(cost, v_dim=self.v_dim - 1), "vdim"))
         if self.num_heads > 1:
             damage = self.head_sums[self._weakest_head()]
-            options.append((damage, current - self.macs(geo, heads=self.num_heads - 1), "head"))
+            options.append((damage, current - self.macs(cost, heads=self.num_heads - 1), "head"))
         if may_remove_block:
             options.append((sum(self.head_sums.values()) + self.mlp_sum, current, "block"))
         keys = [(damage / saved, _KIND_ORDER[kind], kind) for damage, saved, kind in options if saved > 0]
@@ -225,25 +230,26 @@ class ProjectionLayer:
                 added += missing * self.num_heads
         return added
 
-    def growth_options(self, geo, steps: dict[str, int]) -> list[tuple[float, int, str, int]]:
+    def growth_options(self, cost, steps: dict[str, int]) -> list[tuple[float, int, str, int]]:
         """(score added, MACs added, kind, units per step) of adding `steps[kind]` more MLP units ("mlp") or value
         dims per head ("vdim"), for kinds in `steps` whose width is already a multiple of the step and that have
         that many units left to add, and of adding back the best removed head (at the block's value head dim)."""
+        cost = as_cost(cost)
         if not self.keep:
             return []
-        current, options = self.macs(geo), []
+        current, options = self.macs(cost), []
         step = steps.get("mlp")
         if step and len(self.mlp) % step == 0 and len(self.mlp_out) >= step:
             gain = sum(score for score, _ in self.mlp_out[-step:])
-            options.append((gain, self.macs(geo, mlp=len(self.mlp) + step) - current, "mlp", step))
+            options.append((gain, self.macs(cost, mlp=len(self.mlp) + step) - current, "mlp", step))
         step = steps.get("vdim")
         if (step and self.heads and self.v_dim % step == 0
                 and all(len(out) >= step for out in self.dims_out.values())):
             gain = sum(score for out in self.dims_out.values() for score, _ in out[-step:])
-            options.append((gain, self.macs(geo, v_dim=self.v_dim + step) - current, "vdim", step))
+            options.append((gain, self.macs(cost, v_dim=self.v_dim + step) - current, "vdim", step))
         best_head = self._best_head_out()
         if best_head is not None:
-            options.append((best_head[0], self.macs(geo, heads=self.num_heads + 1) - current, "head", 1))
+            options.append((best_head[0], self.macs(cost, heads=self.num_heads + 1) - current, "head", 1))
         return options
 
     def round_down(self, multiple: int, kinds=("mlp", "vdim")) -> int:
@@ -293,14 +299,15 @@ def unit_floors(geo, multiple: int) -> dict[str, int]:
     return {"mlp": floor(geo.intermediate_size), "vdim": floor(geo.head_dim), "hidden": floor(geo.hidden_size)}
 
 
-def project_and_round(layers: list[ProjectionLayer], geo, target_macs: float, multiple: int,
+def project_and_round(layers: list[ProjectionLayer], cost, target: float, multiple: int,
                       hidden: ProjectionHidden | None = None) -> tuple[int, int]:
     """The whole final projection: raise MLP widths, value head dims (and the residual width, with `hidden`) to
     their floors (`unit_floors`) and cut the rounded ones down to multiples of `multiple`, remove unit groups until
     the MACs fit the target (`project_to_budget`), then add back the best units that fit (`round_to_multiple`: in
     blocks of `multiple` for the rounded kinds, singly for the others). Returns (removals, net units removed by the
     floors, the rounding and the add-back)."""
-    floors = unit_floors(geo, multiple)
+    cost = as_cost(cost)
+    floors = unit_floors(cost.geometry, multiple)
     rounded = tuple(kind for kind in ("mlp", "vdim") if floors[kind] > 1)
     single = tuple(kind for kind in ("mlp", "vdim") if floors[kind] == 1)
     raised = sum(layer.raise_to(floors) for layer in layers)
@@ -320,19 +327,21 @@ def project_and_round(layers: list[ProjectionLayer], geo, target_macs: float, mu
         cut = hidden.width % hidden_step if hidden.width >= hidden_step else 0
         hidden.remove(cut)
         raised -= cut
-    removed = project_to_budget(layers, geo, target_macs, floors, hidden, hidden_step)
-    return removed, round_to_multiple(layers, geo, target_macs, multiple, rounded, hidden, hidden_step, single) - raised
+    removed = project_to_budget(layers, cost, target, floors, hidden, hidden_step)
+    rounding = round_to_multiple(layers, cost, target, multiple, rounded, hidden, hidden_step, single)
+    return removed, rounding - raised
 
 
-def _hidden_candidate(layers, geo, hidden: ProjectionHidden | None, step: int, floor: int, total: int):
+def _hidden_candidate(layers, cost, hidden: ProjectionHidden | None, step: int, floor: int, total: int):
     """(damage / MACs saved, kind order, "hidden") of removing `step` residual channels, or None."""
+    cost = as_cost(cost)
     if hidden is None or hidden.width - step < max(floor, 1):
         return None
-    saved = total - _total_macs(layers, geo, width=hidden.width - step)
+    saved = total - _total_macs(layers, cost, width=hidden.width - step)
     return (hidden.damage(step) / saved, _KIND_ORDER["hidden"], "hidden") if saved > 0 else None
 
 
-def project_to_budget(layers: list[ProjectionLayer], geo, target_macs: float,
+def project_to_budget(layers: list[ProjectionLayer], cost, target: float,
                       floors: dict[str, int] | None = None, hidden: ProjectionHidden | None = None,
                       hidden_step: int = 1) -> int:
     """Greedily remove the unit group with the least damage per MAC saved until the MACs fit the target.
@@ -342,14 +351,15 @@ def project_to_budget(layers: list[ProjectionLayer], geo, target_macs: float,
     `hidden_step` residual channels at a time may go too, down to `floors["hidden"]`. Returns the number of
     removals.
     """
+    cost = as_cost(cost)
     floors = floors or {}
-    total = _total_macs(layers, geo, hidden)
+    total = _total_macs(layers, cost, hidden)
     removals = 0
     kept = sum(layer.keep for layer in layers)
-    best = [layer.best_candidate(geo, kept > 1, floors) for layer in layers]
-    while total > target_macs:
+    best = [layer.best_candidate(cost, kept > 1, floors) for layer in layers]
+    while not cost.within(total, target):
         choices = [(key, index) for index, key in enumerate(best) if key is not None]
-        residual = _hidden_candidate(layers, geo, hidden, hidden_step, floors.get("hidden", 1), total)
+        residual = _hidden_candidate(layers, cost, hidden, hidden_step, floors.get("hidden", 1), total)
         if residual is not None:
             choices.append((residual, -1))
         if choices:
@@ -358,56 +368,61 @@ def project_to_budget(layers: list[ProjectionLayer], geo, target_macs: float,
             index = next((i for i, layer in enumerate(layers) if layer.keep), None)
             if index is None:
                 raise ValueError(
-                    f"target_macs={target_macs:.0f} is below the MACs of the patch embedding and classifier head "
-                    f"alone ({total}); raise CompressionConfig.target_flops / target_gmacs"
+                    f"the budget {target:.6g} {cost.unit} is below the cost of the patch embedding and classifier "
+                    f"head alone ({total:.6g}); raise CompressionConfig.target_flops / target_gmacs, or relax "
+                    "target_speedup / target_latency_ms"
                 )
             kind = "block"
         removals += 1
         if kind == "hidden":  # every block's MACs and candidates change
             hidden.remove(hidden_step)
-            total = _total_macs(layers, geo, hidden)
-            best = [layer.best_candidate(geo, kept > 1, floors) for layer in layers]
+            total = _total_macs(layers, cost, hidden)
+            best = [layer.best_candidate(cost, kept > 1, floors) for layer in layers]
             continue
-        before = layers[index].macs(geo)
+        before = layers[index].macs(cost)
         layers[index].remove(kind)
-        total += layers[index].macs(geo) - before
+        total += layers[index].macs(cost) - before
         if kind == "block":  # whether blocks may go changed for every layer
             kept -= 1
-            best = [layer.best_candidate(geo, kept > 1, floors) for layer in layers]
+            best = [layer.best_candidate(cost, kept > 1, floors) for layer in layers]
         else:
-            best[index] = layers[index].best_candidate(geo, kept > 1, floors)
+            best[index] = layers[index].best_candidate(cost, kept > 1, floors)
     return removals
 
 
-def round_to_multiple(layers: list[ProjectionLayer], geo, target_macs: float, multiple: int,
+def round_to_multiple(layers: list[ProjectionLayer], cost: BudgetCost, target: float, multiple: int,
                       kinds=("mlp", "vdim"), hidden: ProjectionHidden | None = None, hidden_step: int = 1,
                       single=()) -> int:
     """Make every MLP width and value head dim (of `kinds`) a multiple of `multiple` within the budget: cut each down
-    (lowest scores first), then greedily add back units, best score per MAC first, while the MACs stay at or under
-    `target_macs`: `multiple` at a time for `kinds`, one at a time for the kinds in `single`, and `hidden_step`
-    residual channels at a time with `hidden`. Widths under `multiple` stay as they are. Returns the net number of
-    units removed."""
+    (lowest scores first), then greedily add back units, best score per price first (`cost`: MACs or ms), while the
+    total stays at or under `target` (the budget in `cost`'s unit): `multiple` at a time for `kinds`, one at a
+    time for the kinds in `single`, and `hidden_step` residual channels at a time with `hidden`. Widths under
+    `multiple` stay as they are. Returns the net number of units removed."""
+    cost = as_cost(cost)
     if multiple <= 1:
         single, kinds = tuple(dict.fromkeys((*single, *kinds))), ()
     removed = sum(layer.round_down(multiple, kinds) for layer in layers)
     steps = {**{kind: 1 for kind in single}, **{kind: multiple for kind in kinds}}
-    total = _total_macs(layers, geo, hidden)
+    total = _total_macs(layers, cost, hidden)
+
+    def fits(price) -> bool:
+        return 0 < price and cost.within(total + price, target)
+
     while True:
-        options = [(gain / cost, index, kind, cost, step) for index, layer in enumerate(layers)
-                   for gain, cost, kind, step in layer.growth_options(geo, steps)
-                   if 0 < cost <= target_macs - total]
+        options = [(gain / price, index, kind, price, step) for index, layer in enumerate(layers)
+                   for gain, price, kind, step in layer.growth_options(cost, steps) if fits(price)]
         if (hidden is not None and hidden.width + hidden_step <= hidden.limit and len(hidden.out) >= hidden_step
                 and hidden.width % hidden_step == 0):
-            cost = _total_macs(layers, geo, width=hidden.width + hidden_step) - total
-            if 0 < cost <= target_macs - total:
-                options.append((hidden.gain(hidden_step) / cost, -1, "hidden", cost, hidden_step))
+            price = _total_macs(layers, cost, width=hidden.width + hidden_step) - total
+            if fits(price):
+                options.append((hidden.gain(hidden_step) / price, -1, "hidden", price, hidden_step))
         if not options:
             return removed
-        _, index, kind, cost, step = max(options)
+        _, index, kind, _, step = max(options)
         if kind == "hidden":
             hidden.add_back(step)
             removed -= step
         else:
             layers[index].add_back(kind, step)
             removed -= step * {"mlp": 1, "vdim": layers[index].num_heads, "head": layers[index].v_dim}[kind]
-        total = _total_macs(layers, geo, hidden)
+        total = _total_macs(layers, cost, hidden)

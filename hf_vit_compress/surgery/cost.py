@@ -1,0 +1,197 @@
+"""What a search's budget is counted in: MACs (the default), or milliseconds on the user's device by a latency table.
+
+Both methods price their widths through one `BudgetCost`: the residual width's part (patch embedding, classifier
+head(s)) and, per block, its attention (residual width, heads, q/k and value head dims) and MLP (residual width, MLP
+width). `MACsCost` is `flops.block_macs` split that way (exact integers for integer widths, so a MACs run is priced
+as before); `LatencyTableCost` is a `LatencyTable`'s multilinear interpolation. Every function takes Python numbers
+(exact prices of a concrete shape) or tensors (a search's expected or soft widths, differentiable, no host read).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from .architecture import Architecture
+from .flops import Geometry, block_macs, geometry, stem_and_head_macs
+from .latency import LatencyCost, LatencyTable, build_latency_table, latency_key
+
+
+class BudgetCost:
+    """The price of a model's parts in the budget's unit.
+
+    Args:
+        geometry: the dense model's `Geometry` (tokens, dense widths).
+    """
+
+    #: `"macs"` or `"latency"` (`CompressionConfig.budget_unit`)
+    kind: str = "macs"
+    #: the unit of the prices, for messages and reports
+    unit: str = "MACs"
+
+    def __init__(self, geometry: Geometry):
+        self.geometry = geometry
+
+    def stem(self, hidden):
+        """Patch embedding + classifier head(s) at residual width `hidden`."""
+        raise NotImplementedError
+
+    def attention(self, hidden, heads, qk_head_dim, v_head_dim):
+        """One block's attention sub-block."""
+        raise NotImplementedError
+
+    def mlp(self, hidden, width):
+        """One block's MLP sub-block."""
+        raise NotImplementedError
+
+    def block(self, hidden, heads, qk_head_dim, v_head_dim, mlp_width):
+        return self.attention(hidden, heads, qk_head_dim, v_head_dim) + self.mlp(hidden, mlp_width)
+
+    def layers(self, hidden: int, layers) -> float:
+        """A model of residual width `hidden` with these blocks (`CompressedViTConfig.layers` entries)."""
+        return self.stem(hidden) + sum(
+            self.block(hidden, layer["num_heads"], layer["qk_head_dim"], layer["v_head_dim"],
+                       layer["intermediate_size"]) for layer in layers)
+
+    def architecture(self, architecture: Architecture) -> float:
+        """What `export_compressed_model(model, architecture)` would cost."""
+        layers = [{"num_heads": layer.num_heads, "qk_head_dim": layer.qk_head_dim, "v_head_dim": layer.v_head_dim,
+                   "intermediate_size": layer.intermediate_size} for layer in architecture.kept_layers]
+        return self.layers(len(architecture.hidden_channels), layers)
+
+    def dense(self) -> float:
+        """The dense model's cost."""
+        geo = self.geometry
+        layer = {"num_heads": geo.num_heads, "qk_head_dim": geo.head_dim, "v_head_dim": geo.head_dim,
+                 "intermediate_size": geo.intermediate_size}
+        return self.layers(geo.hidden_size, [layer] * geo.num_layers)
+
+    def describe(self) -> dict:
+        """What the prices are (for reports)."""
+        return {"unit": self.unit}
+
+    def within(self, cost: float, target: float) -> bool:
+        """Whether `cost` fits `target` (MACs: exactly `<=`)."""
+        return cost <= target
+
+
+class MACsCost(BudgetCost):
+    """Multiply-accumulates (`flops.block_macs`): exact integers for integer widths."""
+
+    kind, unit = "macs", "MACs"
+
+    def stem(self, hidden):
+        return stem_and_head_macs(self.geometry, hidden)
+
+    def attention(self, hidden, heads, qk_head_dim, v_head_dim):
+        return block_macs(self.geometry.tokens, hidden, heads * qk_head_dim, heads * v_head_dim, 0)
+
+    def mlp(self, hidden, width):
+        return block_macs(self.geometry.tokens, hidden, 0, 0, width)
+
+
+class LatencyTableCost(BudgetCost):
+    """Milliseconds per forward by a `LatencyTable` measured on the device.
+
+    The search prices with the table made monotone (a running maximum along every width axis): a wider part is never
+    priced cheaper than a narrower one, which timing noise between two close grid points could otherwise suggest, so
+    every removal saves time (or nothing) and the budget's gradients never reward growing.
+
+    Args:
+        table: the measured table.
+        geometry: the dense model's `Geometry`.
+    """
+
+    kind, unit = "latency", "ms"
+
+    def __init__(self, table: LatencyTable, geometry: Geometry):
+        super().__init__(geometry)
+        self.table = table
+        self.priced = monotone_table(table)
+        self._tensor_costs: dict[torch.device, LatencyCost] = {}
+
+    def _on(self, *values) -> LatencyCost | None:
+        """The tensor pricing on the device of the first tensor among `values`, or None for plain numbers."""
+        tensor = next((value for value in values if torch.is_tensor(value)), None)
+        if tensor is None:
+            return None
+        if tensor.device not in self._tensor_costs:
+            self._tensor_costs[tensor.device] = LatencyCost(self.priced, tensor.device)
+        return self._tensor_costs[tensor.device]
+
+    def stem(self, hidden):
+        tensor_cost = self._on(hidden)
+        return self.priced.predict_stem(hidden) if tensor_cost is None else tensor_cost.stem(hidden)
+
+    def attention(self, hidden, heads, qk_head_dim, v_head_dim):
+        tensor_cost = self._on(hidden, heads, qk_head_dim, v_head_dim)
+        if tensor_cost is None:
+            return self.priced.predict_attention(hidden, heads, qk_head_dim, v_head_dim)
+        return tensor_cost.attention(hidden, heads, qk_head_dim, v_head_dim)
+
+    def mlp(self, hidden, width):
+        tensor_cost = self._on(hidden, width)
+        return self.priced.predict_mlp(hidden, width) if tensor_cost is None else tensor_cost.mlp(hidden, width)
+
+    def describe(self) -> dict:
+        key = self.table.key
+        return {"unit": self.unit, "device": key.device, "dtype": key.dtype, "batch_size": key.batch_size,
+                "attn_implementation": key.attn_implementation, "num_threads": key.num_threads,
+                "torch_version": key.torch_version, "table_seconds": self.table.meta.get("seconds")}
+
+    def within(self, cost: float, target: float) -> bool:
+        """`cost <= target`, allowing float rounding (a total summed in another order)."""
+        return cost <= target or math.isclose(cost, target, rel_tol=1e-9)
+
+
+def as_cost(cost_or_geometry: BudgetCost | Geometry) -> BudgetCost:
+    """A `BudgetCost` as is; a `Geometry` as its `MACsCost` (what the MACs-only callers pass)."""
+    return cost_or_geometry if isinstance(cost_or_geometry, BudgetCost) else MACsCost(cost_or_geometry)
+
+
+def monotone_table(table: LatencyTable) -> LatencyTable:
+    """`table` with every cell raised to the largest value at or below it on every width axis."""
+    def running_max(values) -> list:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        for dim in range(tensor.dim()):
+            tensor = tensor.cummax(dim).values
+        return tensor.tolist()
+
+    return LatencyTable(table.key, table.grid, running_max(table.stem_ms), running_max(table.attention_ms),
+                        running_max(table.mlp_ms), {**table.meta, "monotone": True})
+
+
+def load_or_build_table(dense_config, latency_config, progress: bool = True) -> LatencyTable:
+    """The latency table a speed budget prices with (`CompressionConfig.latency`): `latency.table` when that file
+    exists (refused when measured under other settings, naming the field), else built on this device now and saved
+    there (kept in memory only when `latency.table` is None)."""
+    key = latency_key(dense_config, latency_config.batch_size, latency_config.dtype, latency_config.device,
+                      latency_config.attn_implementation)
+    path = Path(latency_config.table) if latency_config.table else None
+    if path is not None and path.exists():
+        return LatencyTable.load(path, expected_key=key)
+    from .latency import LatencyGrid
+
+    table = build_latency_table(dense_config, latency_config.batch_size, latency_config.dtype, latency_config.device,
+                                latency_config.attn_implementation,
+                                grid=LatencyGrid.for_model(dense_config, latency_config.grid_points),
+                                repeats=latency_config.repeats, progress=progress)
+    if path is not None:
+        table.save(path)
+    return table
+
+
+def budget_cost(model, config, table: LatencyTable | None = None) -> BudgetCost:
+    """The `BudgetCost` of `config`'s budget for `model` (the dense ViT/DeiT): MACs, or a latency table's
+    milliseconds for a speed budget (`table`, else `load_or_build_table`)."""
+    geo = geometry(model)
+    if config.budget_unit == "macs":
+        return MACsCost(geo)
+    table = table if table is not None else load_or_build_table(model.config, config.latency)
+    return LatencyTableCost(table, geo)
+
+
+__all__ = ["BudgetCost", "LatencyTableCost", "MACsCost", "as_cost", "budget_cost", "load_or_build_table",
+           "monotone_table"]
