@@ -99,6 +99,9 @@ def _run_train(arguments: argparse.Namespace, overrides: list[str]) -> int:
     report = run_recipe(setup)
     if setup.training.process_index == 0:
         summary = {key: report[key] for key in ("model", "method", "target_flops", "compressed_macs_ratio", "steps")}
+        speed = report.get("speed_budget") or {}
+        summary.update({key: speed[key] for key in ("target_speedup", "predicted_speedup", "measured_speedup")
+                        if speed.get(key) is not None})
         summary["eval_accuracy"] = report["metrics"].get("eval_accuracy")
         summary.update({key: report[key] for key in ("dense_accuracy", "compressed_accuracy") if key in report})
         print(json.dumps(summary))

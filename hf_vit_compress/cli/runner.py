@@ -425,9 +425,13 @@ def _write_search_plot(history: list[dict], report: dict, output_dir: Path) -> P
     (output_dir / "history.json").write_text(json.dumps(history) + "\n")
     if report["method"] not in PLOT_FILES:
         return None
-    return plot_search(history, report["method"], output_dir / PLOT_FILES[report["method"]],
-                       target_ratio=report["target_flops"], architecture=report["architecture"],
-                       final_macs_ratio=report["compressed_macs_ratio"])
+    target, final = report["target_flops"], report["compressed_macs_ratio"]
+    speed = report.get("speed_budget")
+    if speed:  # a speed budget: the search's ratios are of predicted ms
+        target = speed["target_ms"] / speed["dense_predicted_ms"]
+        final = speed["predicted_ms"] / speed["dense_predicted_ms"]
+    return plot_search(history, report["method"], output_dir / PLOT_FILES[report["method"]], target_ratio=target,
+                       architecture=report["architecture"], final_macs_ratio=final)
 
 
 __all__ = ["run_recipe"]

@@ -20,6 +20,8 @@ BASE_TAGS = ("vision-transformer", "pruning", "hf-vit-compress", "custom_code")
 #: report keys copied into the card's YAML under `compression:`
 _YAML_NUMBERS = ("method", "target_flops", "dense_macs", "compressed_macs", "compressed_macs_ratio", "dense_params",
                  "compressed_params", "image_size")
+#: a speed budget's keys copied into the YAML under `compression: speed_budget:`
+_YAML_SPEED = ("target_speedup", "predicted_speedup", "measured_speedup", "device", "dtype", "batch_size")
 
 
 def metric_label(key: str) -> str:
@@ -57,6 +59,9 @@ def card_metadata(report: dict, model_name: str) -> ModelCardData:
             for key, value in compressed_metrics.items()
         ]
     numbers = {key: report[key] for key in _YAML_NUMBERS if report.get(key) is not None}
+    speed = report.get("speed_budget")
+    if speed:  # the speed budget's headline figures and what they hold for
+        numbers["speed_budget"] = {key: speed[key] for key in _YAML_SPEED if speed.get(key) is not None}
     for which in ("dense", "compressed"):
         if report.get(f"{which}_metrics"):
             numbers[f"{which}_metrics"] = dict(report[f"{which}_metrics"])
@@ -81,13 +86,36 @@ def _summary(report: dict) -> list[str]:
     source = (f"[{report['base_model']}](https://huggingface.co/{report['base_model']})" if report.get("base_model")
               else f"a `{report.get('source_model_type', 'vit')}` image classifier")
     searched = (entry.prunes if entry else "") or "the model's units"
+    speed = report.get("speed_budget")
+    if speed:
+        budget = (f"{speed['target_speedup']:.3g}x faster than the dense model on {speed.get('device')} "
+                  f"({speed.get('dtype')}, batch {speed.get('batch_size')}), priced by a latency table measured there")
+    else:
+        budget = f"{100 * report['target_flops']:.3g}% of the dense model's MACs"
     return [
         f"Structurally pruned from {source} with `hf_vit_compress` using **{method.upper()}** "
         f"(*{title}*, {venue}, {url}).",
         "",
-        f"Budget: {100 * report['target_flops']:.3g}% of the dense model's MACs. {searched} were searched; the "
-        "weights are sliced, so the model really is smaller, and every block has its own shape (see Architecture).",
+        f"Budget: {budget}. {searched} were searched; the weights are sliced, so the model really is smaller, and "
+        "every block has its own shape (see Architecture).",
     ]
+
+
+def _speed_budget_lines(speed: dict) -> list[str]:
+    """The speed budget's section: target, predicted and measured speed-up, and what they were measured on."""
+    lines = ["### Speed budget", "",
+             f"On {speed.get('device')} ({speed.get('dtype')}, batch {speed.get('batch_size')}, "
+             f"{speed.get('attn_implementation')} attention, {speed.get('num_threads')} threads, torch "
+             f"{speed.get('torch_version')}):", "",
+             "| | ms per forward | speed-up |", "| --- | --- | --- |",
+             f"| dense (predicted) | {speed['dense_predicted_ms']:.4g} | 1.00x |",
+             f"| target | {speed['target_ms']:.4g} | {speed['target_speedup']:.2f}x |",
+             f"| compressed (predicted by the latency table) | {speed['predicted_ms']:.4g} | "
+             f"{speed['predicted_speedup']:.2f}x |"]
+    if speed.get("measured_speedup") is not None:
+        lines.append(f"| compressed (measured against the dense model, {speed['dense_measured_ms']:.4g} ms, "
+                     f"interleaved) | {speed['measured_ms']:.4g} | {speed['measured_speedup']:.2f}x |")
+    return lines
 
 
 def _registered(method: str) -> MethodEntry | None:
@@ -122,6 +150,8 @@ def _results_table(report: dict) -> list[str]:
             cells = [_percent(values[key]) if "accuracy" in key else f"{values[key]:.4g}"
                      for values in (dense, compressed) if values]
             lines.append(f"| {metric_label(key)} | " + " | ".join(cells) + " |")
+    if report.get("speed_budget"):
+        lines += ["", *_speed_budget_lines(report["speed_budget"])]
     speed = report.get("speed")
     if speed:
         lines += ["", "### Measured speed", "", "| | value |", "| --- | --- |"]

@@ -170,7 +170,8 @@ def compression_report(run, compressed=None, dense_metrics: Mapping[str, float] 
     Returns:
         A JSON-ready dict: `method`, `target_flops`, `dense_macs`, `compressed_macs`, `compressed_macs_ratio`,
         `dense_params`, `compressed_params`, `image_size`, `dense_architecture`, `architecture`, `steps`,
-        `compression_config`, `training`, and when measured `dense_metrics` / `compressed_metrics` (with
+        `compression_config`, `training`, `speed_budget` under a speed budget (`target_flops` is then None), and
+        when measured `dense_metrics` / `compressed_metrics` (with
         `dense_accuracy`, `compressed_accuracy` and the top-5 ones flat), plus the card facts given.
     """
     record = as_record(run)
@@ -184,7 +185,7 @@ def compression_report(run, compressed=None, dense_metrics: Mapping[str, float] 
         "base_model": source if is_hub_model_id(source) else None,
         "source_model_type": config.model_type,
         "method": record.compression_config.method,
-        "target_flops": record.compression_config.target_ratio(record.dense_macs),
+        "target_flops": _target_flops(record),
         "dense_macs": int(record.dense_macs),
         "compressed_macs": compressed_macs,
         "compressed_macs_ratio": compressed_macs / record.dense_macs,
@@ -197,6 +198,8 @@ def compression_report(run, compressed=None, dense_metrics: Mapping[str, float] 
         "search_macs_ratio": record.search_macs_ratio,
         "steps": record.steps,
     }
+    if record.speed_budget is not None:  # a speed budget: its target, predicted and measured speed-up
+        report["speed_budget"] = dict(record.speed_budget)
     report["architecture_table"] = architecture_table(report).splitlines()  # lines: readable in the JSON
     measured = {"dense": dense_metrics or _evaluation(record, "dense"),
                 "compressed": compressed_metrics or _evaluation(record, "compressed")}
@@ -220,6 +223,13 @@ def compression_report(run, compressed=None, dense_metrics: Mapping[str, float] 
             report["base_model"], token=getattr(record.training_args, "hub_token", None))
     report.update({key: value for key, value in info.items() if value is not None})
     return report
+
+
+def _target_flops(record: CompressionRecord) -> float | None:
+    """The MACs budget as a fraction of the dense MACs; None under a speed budget (its target is in `speed_budget`)."""
+    if record.compression_config.budget_unit != "macs":
+        return None
+    return record.compression_config.target_ratio(record.dense_macs)
 
 
 def dense_architecture(config) -> dict[str, int]:
@@ -246,8 +256,9 @@ def architecture_facts(run) -> dict[str, Any]:
         "dense_architecture": dense_architecture(record.dense_config),
         "dense_macs": int(record.dense_macs),
         "compressed_macs": record.compressed_macs,
-        "target_flops": record.compression_config.target_ratio(record.dense_macs),
+        "target_flops": _target_flops(record),
         "search_macs_ratio": record.search_macs_ratio,
+        "speed_budget": record.speed_budget,
         "dense_params": record.dense_params,
         "compressed_params": record.compressed_params,
     }

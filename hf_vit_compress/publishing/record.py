@@ -35,6 +35,8 @@ class CompressionRecord:
         search_macs_ratio: the search's own MACs ratio when it ended, before the final projection (None: unknown).
         evaluations: `{"kind": "dense" | "compressed", "step", "prefix", "metrics"}` per evaluation, in order.
         eval_dataset_size: examples in the evaluation set, when it has a length.
+        speed_budget: a speed budget's facts (`training.speed_budget`: the table's settings, target, predicted and
+            measured speed-up); None for a MACs budget.
         card_info: model-card facts only the caller knows (`publish.CARD_INFO_KEYS`); the report caches the base
             model's license in it.
     """
@@ -53,6 +55,7 @@ class CompressionRecord:
     evaluations: list[dict] = field(default_factory=list)
     eval_dataset_size: int | None = None
     card_info: dict = field(default_factory=dict)
+    speed_budget: dict | None = None
 
 
 def as_record(run: Any) -> CompressionRecord:

@@ -138,8 +138,8 @@ def ofb_figure(history: Sequence[Mapping], target_ratio: float | None = None, ar
 
     Args:
         history: `CompressionTrainer.compression_history` of an OFB run (or `history.json`).
-        target_ratio: the budget as a fraction of the dense MACs (`config.target_ratio(dense_macs)`); drawn when
-            given.
+        target_ratio: the budget as a fraction of the dense MACs (`config.target_ratio(dense_macs)`), or of the dense
+            predicted ms under a speed budget; drawn when given.
         architecture: `Architecture.summary()` of the result (the report's `architecture`); names the final widths
             in the panel titles when given.
         final_macs_ratio: the exported model's MACs / dense MACs (the report's `compressed_macs_ratio`); default:
@@ -158,16 +158,19 @@ def ofb_figure(history: Sequence[Mapping], target_ratio: float | None = None, ar
 
     macs = axes[0, 0]
     everything_decided = _all_decided(modules)
-    macs.plot(*_series(history, "expected_macs_ratio", lambda e: not everything_decided(e)), color="C2",
-              label="expected MACs / dense (search)")
-    steps, decided = _series(history, "expected_macs_ratio", everything_decided)
+    # a speed budget logs its ratio in predicted ms (`expected_latency_ratio`)
+    latency = any("expected_latency_ratio" in entry for entry in history)
+    key, unit = ("expected_latency_ratio", "latency") if latency else ("expected_macs_ratio", "MACs")
+    macs.plot(*_series(history, key, lambda e: not everything_decided(e)), color="C2",
+              label=f"expected {unit} / dense (search)")
+    steps, decided = _series(history, key, everything_decided)
     if final_macs_ratio is None and len(decided):
         final_macs_ratio = decided[-1]
-    _mark_final_ratio(macs, _series(history, "expected_macs_ratio")[0], final_macs_ratio)
+    _mark_final_ratio(macs, _series(history, key)[0], final_macs_ratio)
     if target_ratio is not None:
         macs.axhline(target_ratio, color="grey", linestyle="--", label=f"target ({target_ratio:.3g} of dense)")
-    macs.set_title("MACs vs target", fontsize=9)
-    macs.set_ylabel("fraction of dense MACs")
+    macs.set_title(f"{unit} vs target", fontsize=9)
+    macs.set_ylabel(f"fraction of dense {'predicted ms' if latency else 'MACs'}")
 
     schedule = axes[0, 1]
     schedule.plot(*_series(history, "lambda"), ":", color="grey", label="lambda: weight of S in the mask")
@@ -407,6 +410,21 @@ def _macs_rows(facts: Mapping) -> list[list[str]]:
     return rows
 
 
+def _speed_rows(speed: Mapping) -> list[list[str]]:
+    """A speed budget's rows: predicted ms (dense, final, target) by the latency table, and the measured ones."""
+    dense = speed["dense_predicted_ms"]
+    where = f"{speed.get('device')}, {speed.get('dtype')}, batch {speed.get('batch_size')}"
+    rows = [["ms per forward", "", "speed-up", where], ["  dense", f"{dense:.4g}", "1.00x", "predicted"]]
+    final, target = speed["predicted_ms"], speed["target_ms"]
+    rows.append(["  final", f"{final:.4g}", f"{dense / final:.2f}x", "predicted by the latency table"])
+    rows.append(["  target", f"{target:.4g}", f"{speed['target_speedup']:.2f}x",
+                 "met" if final <= target * (1 + 1e-9) else "EXCEEDED"])
+    if speed.get("measured_speedup") is not None:
+        rows.append(["  measured", f"{speed['measured_ms']:.4g}", f"{speed['measured_speedup']:.2f}x",
+                     f"timed against the dense model ({speed['dense_measured_ms']:.4g} ms), interleaved"])
+    return rows
+
+
 def architecture_table(facts: Mapping) -> str:
     """The final architecture as a plain-text table: per block whether it is kept, its heads, q/k and v head dims
     and MLP width (each of the dense value), the residual width, the MACs before and after the final projection
@@ -417,7 +435,8 @@ def architecture_table(facts: Mapping) -> str:
         facts: a `compression_report` (or `compression_report.json`), or the same keys: `architecture`
             (`Architecture.summary()`), `dense_architecture`, `dense_macs`, `compressed_macs`; optionally `method`,
             `target_flops` (a fraction of the dense MACs), `search_macs_ratio` (the search's own MACs ratio when
-            it ended), `dense_params`, `compressed_params`.
+            it ended), `dense_params`, `compressed_params`, `speed_budget` (a speed budget's predicted and measured
+            milliseconds).
 
     Returns:
         The table, lines separated by newlines (no trailing newline).
@@ -433,6 +452,8 @@ def architecture_table(facts: Mapping) -> str:
              f"{architecture['hidden_size']}/{dense['hidden_size']}"]
     lines += _columns(_block_rows(layers, dense), "rlrrrr")
     lines += _columns(_macs_rows(facts), "lrrl")
+    if facts.get("speed_budget"):
+        lines += _columns(_speed_rows(facts["speed_budget"]), "lrrl")
     if facts.get("compressed_params") is not None and facts.get("dense_params"):
         compressed, total = facts["compressed_params"], facts["dense_params"]
         lines.append(f"params: {_count(compressed)} of {_count(total)} ({compressed / total:.3f} of dense)")

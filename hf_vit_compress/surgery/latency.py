@@ -19,6 +19,7 @@ interpolated per-layer latency tables for transformers models.
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import json
@@ -337,6 +338,30 @@ def time_call(function: Callable[[], Any], device: torch.device, warmup: int = 3
     return statistics.median(samples)
 
 
+def measure_speedup(compressed: nn.Module, dense: nn.Module, batch_size: int, dtype: str = "float32",
+                    device: str | torch.device = "cpu", rounds: int = 7, repeats: int = 3, warmup: int = 3) -> dict:
+    """Time `dense` and `compressed` interleaved (one timing of each per round, so drift in the machine's speed hits
+    both alike) on copies moved to `device` / `dtype`, at `batch_size` random images of the dense model's size.
+
+    Returns:
+        `dense_ms` and `compressed_ms` (medians over the rounds of each round's median), `speedup` (median of the
+        rounds' dense / compressed ratios), `rounds`.
+    """
+    device, torch_dtype = torch.device(device), DTYPES[dtype]
+    config = dense.config
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(batch_size, getattr(config, "num_channels", 3), *_pair(config.image_size),
+                         generator=generator).to(device, torch_dtype)
+    models = [copy.deepcopy(model).to(device=device, dtype=torch_dtype).eval() for model in (dense, compressed)]
+    dense_ms, compressed_ms = [], []
+    for _ in range(rounds):
+        for model, samples in zip(models, (dense_ms, compressed_ms)):
+            samples.append(time_call(lambda model=model: model(pixel_values=pixels), device, warmup, repeats))
+    ratios = [d / c for d, c in zip(dense_ms, compressed_ms)]
+    return {"dense_ms": statistics.median(dense_ms), "compressed_ms": statistics.median(compressed_ms),
+            "speedup": statistics.median(ratios), "rounds": rounds}
+
+
 def _part_config(dense_config, hidden: int, layers: list[dict], attn_implementation: str) -> CompressedViTConfig:
     config = CompressedViTConfig(
         hidden_size=hidden, layers=layers, image_size=dense_config.image_size, patch_size=dense_config.patch_size,
@@ -432,4 +457,4 @@ def _progress_bar(total: int, enabled: bool):
 
 
 __all__ = ["LatencyCost", "LatencyGrid", "LatencyKey", "LatencyTable", "build_latency_table", "latency_key",
-           "time_call"]
+           "measure_speedup", "time_call"]

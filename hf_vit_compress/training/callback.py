@@ -99,6 +99,8 @@ class CompressionCallback(TrainerCallback):
             raise NoTrainingSteps(_NO_STEPS_MESSAGE)
         if not self.trainer.method.search_finished:  # stopped before the search's last step
             self.trainer.end_search("train end")
+        if self.trainer.is_world_process_zero():  # a speed budget: time the result (one process is enough)
+            self.trainer.measure_speed_budget()
 
     def _record(self, step: int, method: CompressionMethod) -> None:
         every = max(1, method.total_search_steps // 200)

@@ -33,6 +33,7 @@ from .device_logs import DeviceHistory, DeviceLogAccumulator
 from .distill import distillation_loss, frozen_teacher_copy
 from .health import HealthCallback, TrainingHealth, check_trainer
 from .peft_support import LoRARecovery, unwrap_peft_model
+from .speed_budget import measure_speed, predicted_speed
 
 #: name of the submodule that holds the method's gates inside the compressed model
 GATES_ATTRIBUTE = "compression"
@@ -149,6 +150,8 @@ class CompressionTrainer(ResumeChecks, Trainer):
         #: the search's own MACs ratio when it ended, before the final projection (None until then, or when this
         #: trainer did not see the search end: resumed after it)
         self.search_macs_ratio: float | None = None
+        #: a speed budget's measurement at the end of training (`speed_budget.measure_speed`), None until then
+        self.measured_speed: dict | None = None
         #: the final architecture as a table (`report.architecture_table`), logged when the search ends
         self.architecture_table: str | None = None
         self.add_callback(HealthCallback(self))  # first: reports a non-finite search state before it is finalised
@@ -313,13 +316,15 @@ class CompressionTrainer(ResumeChecks, Trainer):
         if not self.is_world_process_zero():
             return
         logger.info(f"Search finished at step {self.state.global_step} ({when}).\n{self.architecture_table}")
-        search, target = facts["search_macs_ratio"], facts["target_flops"]
+        method = self.method
+        search, target = self.search_macs_ratio, method.target_cost_ratio  # in the budget's unit (MACs or ms)
         if search is not None and abs(search - target) > PROJECTION_WARNING * target:
+            final = method.architecture_cost(method.final_architecture) / method.dense_cost
             logger.warning(
-                f"The search ended ({when}, step {self.state.global_step}) at {search:.3f} of the dense MACs for a "
-                f"budget of {target:.3f}; the final projection {'removed' if search > target else 'added back'} "
-                f"units to land at {facts['compressed_macs'] / facts['dense_macs']:.3f}. The search did not reach "
-                "the budget by itself: search longer, or weigh its budget term more (ofb.flops_loss_weight, "
+                f"The search ended ({when}, step {self.state.global_step}) at {search:.3f} of the dense "
+                f"{method.cost.unit} for a budget of {target:.3f}; the final projection "
+                f"{'removed' if search > target else 'added back'} units to land at {final:.3f}. The search did not "
+                "reach the budget by itself: search longer, or weigh its budget term more (ofb.flops_loss_weight, "
                 "uvc.budget_dual_lr)."
             )
 
@@ -337,16 +342,39 @@ class CompressionTrainer(ResumeChecks, Trainer):
         with lora.merged_into_weights() if lora else contextlib.nullcontext():  # a plain model, adapters merged
             return export_compressed_model(model, self.method.export_architecture())
 
+    def measure_speed_budget(self) -> dict | None:
+        """Under a speed budget with `latency.measure_after`: time the exported model against the dense one on the
+        budget's device, dtype and batch size (interleaved), keep the figures for the report and the card, and warn
+        when the measured speed-up is under 0.9x the target (`speed_budget.py`). Runs at the end of `train()`."""
+        method = self.method
+        if method.cost.kind != "latency" or not self.compression_config.latency.measure_after:
+            return None
+        model = self.accelerator.unwrap_model(self.model)
+        target = float(method.dense_cost) / float(method.target_cost)
+        self.measured_speed = measure_speed(self.export_compressed_model(), model.config,
+                                            self.compression_config.latency, target)
+        return self.measured_speed
+
+    def speed_budget_facts(self, architecture: Architecture) -> dict | None:
+        """A speed budget's predicted (and, once measured, measured) speed-up; None for a MACs budget."""
+        method = self.method
+        if method.cost.kind != "latency":
+            return None
+        return {**predicted_speed(method, architecture, self.search_macs_ratio), **(self.measured_speed or {})}
+
     def compression_record(self) -> CompressionRecord:
         """The run's facts for publishing (report, card, sidecars): publishing reads this, not the trainer."""
         model = self.accelerator.unwrap_model(self.model)
         architecture = self.method.export_architecture()
+        speed = self.speed_budget_facts(architecture)
         return CompressionRecord(
             dense_config=model.config, compression_config=self.compression_config, architecture=architecture,
             dense_macs=int(self.method.dense_macs), dense_params=self._dense_params(model),
             compressed_macs=self.method.architecture_macs(architecture),
             compressed_params=architecture_params(model, architecture), steps=self.state.global_step,
-            training_args=self.args, export=self.export_compressed_model, search_macs_ratio=self.search_macs_ratio,
+            training_args=self.args, export=self.export_compressed_model,
+            # under a speed budget the search's own ratio is of predicted ms: it goes with the speed facts
+            search_macs_ratio=self.search_macs_ratio if speed is None else None, speed_budget=speed,
             evaluations=self.evaluations, eval_dataset_size=_length(self.eval_dataset),
             card_info=self.model_card_info,
         )

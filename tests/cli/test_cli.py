@@ -164,3 +164,20 @@ def test_accelerate_launch_two_processes(assets, tmp_path):
     assert report["steps_per_epoch"] == 1  # ceil(8 examples / (2 processes x batch 4)): both ranks took part
     assert report["steps"] == 2 and report["compressed_macs"] <= report["target_flops"] * report["dense_macs"]
     assert CompressedViTForImageClassification.from_pretrained(output_dir / "compressed_model") is not None
+
+
+def test_train_takes_a_speed_budget_and_reports_predicted_and_measured_speedup(assets, tmp_path, capsys):
+    from conftest import make_vit_classifier, synthetic_latency_table
+
+    table = synthetic_latency_table(make_vit_classifier().config).save(tmp_path / "latency.json")
+    output_dir = tmp_path / "out"
+    code = main(["train", "--recipe", "deit_tiny_uvc", *tiny_overrides(assets, output_dir), "--training.max_steps",
+                 "4", "--compression.target_speedup", "1.2", "--compression.latency.table", str(table),
+                 "--compression.latency.repeats", "2"])
+    assert code == 0
+    summary = json.loads(next(line for line in capsys.readouterr().out.splitlines() if line.startswith('{"model"')))
+    report = json.loads((output_dir / "compression_report.json").read_text())
+    assert summary["target_speedup"] == pytest.approx(1.2) and summary["target_flops"] is None
+    assert summary["predicted_speedup"] >= 1.2 * (1 - 1e-9) and summary["measured_speedup"] > 0
+    assert report["speed_budget"]["predicted_ms"] <= report["speed_budget"]["target_ms"] * (1 + 1e-9)
+    assert "### Speed budget" in (output_dir / "compressed_model" / "README.md").read_text()

@@ -188,7 +188,9 @@ def test_card_parses_and_its_numbers_are_the_runs(run):
     assert f'from_pretrained("{REPO_ID}", trust_remote_code=True)' in text
     assert f'pipeline("image-classification", model="{REPO_ID}", trust_remote_code=True)' in text
     assert json.dumps(report["compression_config"], indent=2, sort_keys=True) in text
-    assert "speed" not in text.lower()  # no benchmark ran
+    # no benchmark ran and the budget is in MACs: no speed section
+    assert "### measured speed" not in text.lower() and "speed budget" not in text.lower()
+    assert "speed_budget" not in report
 
 
 def test_save_model_writes_the_same_files_and_pushes_them_with_push_to_hub(run, tmp_path, monkeypatch):
@@ -294,7 +296,8 @@ def test_card_without_measurements_claims_none(run):
                 "dense_top5_accuracy", "compressed_top5_accuracy", "eval_dataset"):
         report.pop(key, None)
     card = build_model_card(report, repo_id="me/x")
-    assert "accuracy" not in str(card) and "speed" not in str(card).lower()
+    assert "accuracy" not in str(card) and "### measured speed" not in str(card).lower()
+    assert "speed budget" not in str(card).lower()
     assert card.data.eval_results is None and card.data.metrics is None
     with pytest.raises(ValueError, match="compressed_macs"):
         build_model_card({key: value for key, value in report.items() if key != "compressed_macs"})
