@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# GPU benchmarks in one command (about 5 minutes on one H200):
+# GPU benchmarks in one command (about 8 minutes on one H200):
 #
-#   bash benchmarks/gpu.sh OUT_DIR [--device cuda|cpu] [--quick] [--seconds 300]
+#   bash benchmarks/gpu.sh OUT_DIR [--device cuda|cpu] [--quick] [--seconds 480]
 #
 # Parts, each in its own process with its own time limit; a part that fails is logged and the others still run:
 #   1. speed, eager      gpu_speed.py --modes eager: DeiT-S/B, dense vs OFB/UVC exports (and Torch-Pruning) at
 #                        70/50/30% MACs, bf16, batch 1/64/256/1024, with the sdpa backend each one ran
 #   2. search overhead   overhead.py --bf16: one OFB / UVC search step vs one plain step, DeiT-S shape, batch 128
 #   3. quality smoke     quality.py --quick on a CIFAR-10 subset (every method, 50%), on the GPU
-#   4. speed, compile    gpu_speed.py --modes compile with the time left (groups that do not fit are listed)
-# OUT_DIR gets few files: speed_gpu.json, overhead_gpu.json, quality_gpu_quick.json, speed_gpu_compile.json (each with
+#   4. speed budget      latency_budget.py: DeiT-T/S, bf16, batch 1/64/256, targets 1.5/2/3x: predicted vs measured
+#                        speed-up of speed-budgeted OFB/UVC models, and the MACs budget reaching the same speed
+#   5. speed, compile    gpu_speed.py --modes compile with the time left (groups that do not fit are listed)
+# OUT_DIR gets few files: speed_gpu.json, overhead_gpu.json, quality_gpu_quick.json, latency_budget_gpu.json,
+# speed_gpu_compile.json (each with
 # command, date, git commit, machine and versions inside), gpu.md (every part's Markdown report) and gpu.log.
 # Missing packages come from .whl/ and the CIFAR subset from .gpu_data/ (benchmarks/gpu_prepare.sh makes both).
 # --device cpu --quick runs the same code paths on tiny shapes on a CPU (give it --seconds 900 there).
@@ -18,7 +21,7 @@ set -uo pipefail
 usage() { sed -n '2,14p' "$0" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 OUT=$1; shift
-DEVICE=cuda; QUICK=(); TOTAL=300
+DEVICE=cuda; QUICK=(); TOTAL=480
 while [ $# -gt 0 ]; do
     case $1 in
         --device) DEVICE=${2:?--device needs cuda or cpu}; shift 2 ;;
@@ -83,11 +86,13 @@ part() {  # part NAME SECONDS COMMAND...
 if [ ${#QUICK[@]} -gt 0 ]; then
     SPEED=(--quick --device "$DEVICE" --threads 0)
     OVERHEAD=(--quick --bf16 --threads 0)
-    LIMITS=(240 300 240)
+    LATENCY=(--quick --device "$DEVICE" --threads 0)
+    LIMITS=(240 300 240 240)
 else
     SPEED=(--device "$DEVICE" --threads 0)
     OVERHEAD=(--models deit-small --batch-size 128 --bf16 --steps 14 --warmup 4 --rounds 1 --no-demo --threads 0)
-    LIMITS=(150 120 90)
+    LATENCY=(--device "$DEVICE" --dtype bfloat16 --batches 1,64,256 --threads 0)
+    LIMITS=(150 120 90 240)
 fi
 DATA=""
 for candidate in .gpu_data/cifar10 ../shared/data/cifar10; do
@@ -104,6 +109,8 @@ if [ -n "$DATA" ]; then
 else
     log "part quality: SKIPPED (no CIFAR-10 parquet in .gpu_data/cifar10 or ../shared/data/cifar10)"; FAILED+=("quality (no data)")
 fi
+part latency-budget "${LIMITS[3]}" "$PY" benchmarks/latency_budget.py "${LATENCY[@]}" --output-dir "$WORK" \
+    --name latency_budget_gpu
 LEFT=$(( TOTAL - $(elapsed) - 10 ))
 part speed-compile $(( LEFT > 0 ? LEFT + 60 : 0 )) "$PY" benchmarks/gpu_speed.py "${SPEED[@]}" --modes compile \
     --no-tp --time-budget "$LEFT" --output-dir "$WORK" --name speed_gpu_compile
@@ -114,12 +121,12 @@ part speed-compile $(( LEFT > 0 ? LEFT + 60 : 0 )) "$PY" benchmarks/gpu_speed.py
     echo
     echo "- command: \`bash benchmarks/gpu.sh OUT_DIR --device $DEVICE ${QUICK[*]} --seconds $TOTAL\`, $(date -u +%Y-%m-%dT%H:%M:%SZ), $(elapsed) s"
     echo "- parts that failed or were skipped: ${FAILED[*]:-none} (details in gpu.log)"
-    for name in speed_gpu overhead_gpu quality_gpu_quick speed_gpu_compile; do
+    for name in speed_gpu overhead_gpu quality_gpu_quick latency_budget_gpu speed_gpu_compile; do
         echo
         if [ -f "$WORK/$name.md" ]; then sed 's/^# /## /' "$WORK/$name.md"; else echo "## $name: no results (see gpu.log)"; fi
     done
 } > "$OUT/gpu.md"
-for name in speed_gpu overhead_gpu quality_gpu_quick speed_gpu_compile; do
+for name in speed_gpu overhead_gpu quality_gpu_quick latency_budget_gpu speed_gpu_compile; do
     [ -f "$WORK/$name.json" ] && cp "$WORK/$name.json" "$OUT/"
 done
 rm -rf "$WORK"

@@ -74,7 +74,8 @@ class LatencyBudgetConfig(Validated):
             the field, when it was measured under other settings); otherwise built on this device when the method
             is built and saved there. None: built and kept in memory only.
         grid_points: widths per axis of a table built on the fly (`LatencyGrid.for_model`).
-        repeats: timed calls per table cell (the median is kept).
+        repeats: passes over the grid of a table built on the fly (one timed sample per cell each; the median is
+            kept), and rounds of the measurement at the end (`measure_after`).
         measure_after: time the exported and the dense model, interleaved, at the end of a run and record the
             measured speed-up beside the predicted one (`compression_report.json`, the model card).
     """

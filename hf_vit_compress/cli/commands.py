@@ -205,7 +205,8 @@ def _profile_latency_parser(subparsers) -> None:
     profile.add_argument("--attn-implementation", default="sdpa", choices=("sdpa", "eager"))
     profile.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     profile.add_argument("--points", type=int, default=3, help="widths per axis (default %(default)s)")
-    profile.add_argument("--repeats", type=int, default=7, help="timed calls per cell; the median is kept")
+    profile.add_argument("--repeats", type=int, default=7,
+                         help="passes over the grid, one timed sample per cell each; the median is kept")
     profile.add_argument("--warmup", type=int, default=3)
     profile.add_argument("--no-progress", action="store_true")
 

@@ -96,8 +96,10 @@ class LatencyTableCost(BudgetCost):
     """Milliseconds per forward by a `LatencyTable` measured on the device.
 
     The search prices with the table made monotone (a running maximum along every width axis): a wider part is never
-    priced cheaper than a narrower one, which timing noise between two close grid points could otherwise suggest, so
-    every removal saves time (or nothing) and the budget's gradients never reward growing.
+    priced cheaper than a narrower one, which timing noise between two close grid points (or a faster kernel for an
+    aligned width) could otherwise suggest, so every removal saves time (or nothing) and the budget's gradients never
+    reward growing. A compressed model is so priced at or above the raw table's prediction; the dense model, a
+    measured grid corner, is priced as measured (`dense`), so a predicted speed-up errs on the low side.
 
     Args:
         table: the measured table.
@@ -134,6 +136,11 @@ class LatencyTableCost(BudgetCost):
     def mlp(self, hidden, width):
         tensor_cost = self._on(hidden, width)
         return self.priced.predict_mlp(hidden, width) if tensor_cost is None else tensor_cost.mlp(hidden, width)
+
+    def dense(self) -> float:
+        """The dense model by the table as measured (not made monotone): its widths are the grid's top corner, a
+        measured point, and raising it to a narrower cell's time would overstate every speed-up."""
+        return self.table.predict_config_of(self.geometry)
 
     def describe(self) -> dict:
         key = self.table.key

@@ -6,7 +6,8 @@ activation, fc2), each with its own widths. `build_latency_table` times this pac
 (`modeling/modeling_compressed_vit.py`, what an exported model runs) on a grid of widths: the stem and head over
 the residual width D, attention over (D, heads, q/k head dim, v head dim), the MLP over (D, MLP width), at the
 user's batch size, image size, dtype, attention implementation, device and thread count. On a GPU each timing is
-bracketed by CUDA events after a warm-up; on a CPU by `time.perf_counter`; each cell is the median of its repeats.
+bracketed by CUDA events after a warm-up; on a CPU by `time.perf_counter`; a sample lasts at least `MIN_SAMPLE_MS`
+(several calls of a short part), each cell is sampled once per pass over the grid, and keeps its median.
 
 `LatencyTable.predict_*` interpolate the grid multilinearly (piecewise-linear in each width, linear extrapolation
 past the grid's ends): time is close to linear in a width between the kernel-size steps, so a few points per
@@ -196,6 +197,12 @@ class LatencyTable:
                  "intermediate_size": config.intermediate_size}
         return self.predict_layers(config.hidden_size, [dense] * config.num_hidden_layers)
 
+    def predict_config_of(self, geometry) -> float:
+        """Milliseconds of the dense model of a `flops.Geometry` (its widths, every block)."""
+        dense = {"num_heads": geometry.num_heads, "qk_head_dim": geometry.head_dim, "v_head_dim": geometry.head_dim,
+                 "intermediate_size": geometry.intermediate_size}
+        return self.predict_layers(geometry.hidden_size, [dense] * geometry.num_layers)
+
     # -- files ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"version": TABLE_VERSION, "key": asdict(self.key), "grid": asdict(self.grid),
@@ -316,26 +323,39 @@ def _interpolate_tensor(axes: Sequence[torch.Tensor], values: torch.Tensor, poin
 
 
 # -- measuring -----------------------------------------------------------------------------------------------------
-def time_call(function: Callable[[], Any], device: torch.device, warmup: int = 3, repeats: int = 7) -> float:
-    """Median milliseconds of `function()` after `warmup` calls (CUDA events and synchronisation on a GPU)."""
+#: a timed sample runs the function this long at least (several calls when one is shorter): a sub-millisecond call
+#: timed alone is mostly timer and scheduler noise on a CPU
+MIN_SAMPLE_MS = 5.0
+
+
+def time_call(function: Callable[[], Any], device: torch.device, warmup: int = 3, repeats: int = 7,
+              min_sample_ms: float = MIN_SAMPLE_MS) -> float:
+    """Median milliseconds of `function()` after `warmup` calls (CUDA events and synchronisation on a GPU). Each of
+    the `repeats` samples times enough back-to-back calls to last `min_sample_ms` (as `timeit`'s autorange does) and
+    divides by their number."""
     with torch.inference_mode():
         for _ in range(warmup):
             function()
-        samples = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                torch.cuda.synchronize(device)
-                start.record()
-                function()
-                end.record()
-                torch.cuda.synchronize(device)
-                samples.append(start.elapsed_time(end))
-            else:
-                began = time.perf_counter()
-                function()
-                samples.append((time.perf_counter() - began) * 1e3)
+        calls = max(1, math.ceil(min_sample_ms / max(_time_calls(function, device, 1), 1e-6)))
+        samples = [_time_calls(function, device, calls) / calls for _ in range(repeats)]
     return statistics.median(samples)
+
+
+def _time_calls(function: Callable[[], Any], device: torch.device, calls: int) -> float:
+    """Milliseconds of `calls` back-to-back calls of `function()`."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record()
+        for _ in range(calls):
+            function()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end)
+    began = time.perf_counter()
+    for _ in range(calls):
+        function()
+    return (time.perf_counter() - began) * 1e3
 
 
 def measure_speedup(compressed: nn.Module, dense: nn.Module, batch_size: int, dtype: str = "float32",
@@ -383,6 +403,10 @@ def build_latency_table(dense_config, batch_size: int, dtype: str = "float32", d
                         repeats: int = 7, progress: bool = True) -> LatencyTable:
     """Time the parts of models shaped like `dense_config` on this device and build their table.
 
+    Every cell is timed once per pass over the whole grid, `repeats` passes, and keeps its median: a drift in the
+    machine's speed while the table is built (another process, clocks) then reaches every cell alike instead of
+    making the cells timed during it look slow, which would skew the ratios the budget is made of.
+
     Args:
         dense_config: the dense ViT/DeiT config (`model.config`): image and patch size, labels, the dense widths.
         batch_size: images per forward.
@@ -390,40 +414,68 @@ def build_latency_table(dense_config, batch_size: int, dtype: str = "float32", d
         device: where to time (`"cpu"`, `"cuda"`, `"cuda:1"`).
         attn_implementation: `"sdpa"` or `"eager"`, as the exported model will run.
         grid: the widths to measure (default `LatencyGrid.for_model(dense_config)`).
-        warmup, repeats: calls before timing, and timed calls per cell (the median is kept).
+        warmup, repeats: calls of each cell before timing, and passes over the grid (one timed sample per cell each,
+            at least `MIN_SAMPLE_MS` long; the median is kept).
         progress: show a progress bar.
     """
     key = latency_key(dense_config, batch_size, dtype, device, attn_implementation)
     grid = grid or LatencyGrid.for_model(dense_config)
     grid.validate()
     device, torch_dtype = torch.device(device), DTYPES[dtype]
-    scaling = (dense_config.hidden_size // dense_config.num_attention_heads) ** -0.5
-    cells = len(grid.hidden) * (1 + len(grid.heads) * len(grid.qk_head_dims) * len(grid.v_head_dims) + len(grid.mlp))
-    bar = _progress_bar(cells, progress)
     began = time.perf_counter()
-    generator = torch.Generator().manual_seed(0)
-
-    def measure(module: nn.Module, inputs: torch.Tensor) -> float:
-        module = module.to(device=device, dtype=torch_dtype).eval()
-        value = time_call(lambda: module(inputs), device, warmup, repeats)
-        bar.update(1)
-        return value
-
-    stem, attention, mlp = [], [], []
-    for hidden in grid.hidden:
-        tokens = torch.randn(batch_size, key.tokens, hidden, generator=generator).to(device, torch_dtype)
-        config = _part_config(dense_config, hidden, [], attn_implementation)
-        model = CompressedViTForImageClassification(config)
-        pixels = torch.randn(batch_size, config.num_channels, *_pair(config.image_size), generator=generator)
-        stem.append(measure(model, pixels.to(device, torch_dtype)))
-        attention.append([[[measure(_AttentionPart(config, _layer(h, qk, v, 1, scaling)), tokens)
-                            for v in grid.v_head_dims] for qk in grid.qk_head_dims] for h in grid.heads])
-        mlp.append([measure(_MLPPart(config, _layer(1, 1, 1, width, scaling)), tokens) for width in grid.mlp])
+    cells = _table_cells(dense_config, grid, key.tokens, batch_size, attn_implementation, device, torch_dtype)
+    bar = _progress_bar(len(cells) * (repeats + 1), progress)
+    samples: dict[tuple, list[float]] = {}
+    with torch.inference_mode():
+        calls = {}
+        for index, (module, inputs) in cells.items():  # warm-up, and how many calls make one sample long enough
+            for _ in range(warmup):
+                module(inputs)
+            once = _time_calls(lambda: module(inputs), device, 1)
+            calls[index] = max(1, math.ceil(MIN_SAMPLE_MS / max(once, 1e-6)))
+            bar.update(1)
+        for _ in range(repeats):
+            for index, (module, inputs) in cells.items():
+                total = _time_calls(lambda: module(inputs), device, calls[index])
+                samples.setdefault(index, []).append(total / calls[index])
+                bar.update(1)
     bar.close()
-    meta = {"warmup": warmup, "repeats": repeats, "statistic": "median",
-            "seconds": round(time.perf_counter() - began, 1), "interpolation": "multilinear",
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    median = {index: statistics.median(values) for index, values in samples.items()}
+    hidden_range = range(len(grid.hidden))
+    stem = [median[("stem", i)] for i in hidden_range]
+    attention = [[[[median[("attention", i, j, k, m)] for m in range(len(grid.v_head_dims))]
+                   for k in range(len(grid.qk_head_dims))] for j in range(len(grid.heads))] for i in hidden_range]
+    mlp = [[median[("mlp", i, j)] for j in range(len(grid.mlp))] for i in hidden_range]
+    meta = {"warmup": warmup, "repeats": repeats, "statistic": "median over passes of the grid",
+            "min_sample_ms": MIN_SAMPLE_MS, "seconds": round(time.perf_counter() - began, 1),
+            "interpolation": "multilinear", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return LatencyTable(key, grid, stem, attention, mlp, meta)
+
+
+def _table_cells(dense_config, grid: LatencyGrid, tokens: int, batch_size: int, attn_implementation: str,
+                 device: torch.device, dtype: torch.dtype) -> dict[tuple, tuple[nn.Module, torch.Tensor]]:
+    """Every cell of the table as (module, its input) on `device` / `dtype`, keyed ("stem", i), ("attention", i, j,
+    k, m) and ("mlp", i, j) by grid indices."""
+    scaling = (dense_config.hidden_size // dense_config.num_attention_heads) ** -0.5
+    generator = torch.Generator().manual_seed(0)
+    cells: dict[tuple, tuple[nn.Module, torch.Tensor]] = {}
+
+    def ready(module: nn.Module) -> nn.Module:
+        return module.to(device=device, dtype=dtype).eval()
+
+    for i, hidden in enumerate(grid.hidden):
+        states = torch.randn(batch_size, tokens, hidden, generator=generator).to(device, dtype)
+        config = _part_config(dense_config, hidden, [], attn_implementation)
+        pixels = torch.randn(batch_size, config.num_channels, *_pair(config.image_size), generator=generator)
+        cells[("stem", i)] = (ready(CompressedViTForImageClassification(config)), pixels.to(device, dtype))
+        for j, heads in enumerate(grid.heads):
+            for k, qk in enumerate(grid.qk_head_dims):
+                for m, v in enumerate(grid.v_head_dims):
+                    part = _AttentionPart(config, _layer(heads, qk, v, 1, scaling))
+                    cells[("attention", i, j, k, m)] = (ready(part), states)
+        for j, width in enumerate(grid.mlp):
+            cells[("mlp", i, j)] = (ready(_MLPPart(config, _layer(1, 1, 1, width, scaling))), states)
+    return cells
 
 
 class _AttentionPart(nn.Module):

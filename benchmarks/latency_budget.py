@@ -1,0 +1,276 @@
+"""A speed budget on this device: predicted vs measured speed-up, and how many MACs it keeps against a MACs budget.
+
+    python benchmarks/latency_budget.py                    # DeiT-T and DeiT-S shapes, 224 px, CPU fp32, batch 1 and 64
+    python benchmarks/latency_budget.py --quick            # smoke run (DeiT-T, batch 1, one target, few repeats)
+    python benchmarks/latency_budget.py --device cuda --dtype bfloat16 --batches 1,64,256 --name latency_budget_gpu
+
+For every (shape, batch):
+
+1. A latency table is built on this CPU (`build_latency_table`, `--points` widths per axis, median of `--repeats`
+   calls; the seconds it took are recorded) and its prediction error measured on `--heldout` random attention and
+   MLP shapes that are not grid points (|predicted - measured| / measured, each timed as the table times).
+2. For each target speed-up (1.5x / 2x / 3x) and method, the method is built with
+   `CompressionConfig(target_speedup=x, latency={"table": ...})` and decides from a seeded random search state (no
+   training: speed depends on shapes only, as in speed.py; `_common.ofb_architecture` / `uvc_architecture` describe
+   the states): its architecture is at or under the target by the table, exported, and its MACs counted.
+3. The same method with MACs budgets `--macs-sweep` (fractions of the dense MACs) gives the MACs-budgeted models.
+4. The dense `ViTForImageClassification`, every speed-budgeted and every MACs-budgeted model are timed round-robin in
+   one process (`--rounds` rounds, the order rotating; one forward of a batch per model per round, after warm-up),
+   so a load spike hits them alike; a model's speed-up = median over rounds of t_dense / t_model.
+5. Beside each speed-budgeted cell: the MACs budget that reaches the same measured speed-up (linear interpolation in
+   the MACs sweep's measured speed-ups) and the ratio of the speed budget's MACs to it: > 1 means the speed budget
+   keeps that many times the MACs (capacity) for the same measured speed.
+
+CPU, float32, sdpa, `--threads` torch threads (default 1; see speed.py on why one thread), or `--device cuda --dtype
+bfloat16` (CUDA events; benchmarks/gpu.sh runs it). Random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+from latency_table import random_layer, relative_errors  # noqa: E402
+
+from hf_vit_compress import CompressionConfig  # noqa: E402
+from hf_vit_compress.methods import build_method  # noqa: E402
+from hf_vit_compress.surgery.export import export_compressed_model  # noqa: E402
+from hf_vit_compress.surgery.flops import count_macs, dense_macs  # noqa: E402
+from hf_vit_compress.surgery.latency import (  # noqa: E402
+    DTYPES,
+    LatencyGrid,
+    _AttentionPart,
+    _MLPPart,
+    _part_config,
+    _time_calls,
+    build_latency_table,
+    time_call,
+)
+
+SHAPES = ("deit-tiny", "deit-small")
+TARGETS = (1.5, 2.0, 3.0)
+MACS_SWEEP = (0.15, 0.25, 0.35, 0.5, 0.65, 0.8)
+
+
+def decided_architecture(model, method: str, seed: int, **budget):
+    """`method`'s decision from a seeded random search state under `budget` (`target_speedup` + `latency`, or
+    `target_flops`), and the built method (its cost prices the architecture)."""
+    config = CompressionConfig(method=method, **budget)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        built = build_method(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if method == "ofb":
+            for module in built.searchable_modules().values():
+                module.alpha.copy_(torch.randn(module.alpha.shape, generator=generator))
+        else:
+            C.randomize_uvc_state(built, built.target_cost_ratio, seed)
+    return C._without_scales(built.decide()), built
+
+
+def heldout_errors(config, table, batch: int, count: int, rng: random.Random, args) -> dict:
+    """The table's relative error on `count` random attention and MLP shapes off its grid."""
+    scaling = (config.hidden_size // config.num_attention_heads) ** -0.5
+    generator = torch.Generator().manual_seed(rng.randint(0, 2**31))
+    device, dtype, repeats, warmup = torch.device(args.device), DTYPES[args.dtype], args.repeats, args.warmup
+    grid = table.grid
+    attention, mlp = [], []
+    while len(mlp) < count:
+        hidden = rng.randint(config.hidden_size // 4, config.hidden_size)
+        layer = random_layer(config, rng, scaling)
+        on_grid = (hidden in grid.hidden and layer["intermediate_size"] in grid.mlp)
+        if on_grid:
+            continue
+        part = _part_config(config, hidden, [], "sdpa")
+        tokens = torch.randn(batch, table.key.tokens, hidden, generator=generator).to(device, dtype)
+        attention_part = _AttentionPart(part, layer).to(device, dtype).eval()
+        mlp_part = _MLPPart(part, layer).to(device, dtype).eval()
+        attention.append((table.predict_attention(hidden, layer["num_heads"], layer["qk_head_dim"],
+                                                  layer["v_head_dim"]),
+                          time_call(lambda: attention_part(tokens), device, warmup, repeats)))
+        mlp.append((table.predict_mlp(hidden, layer["intermediate_size"]),
+                    time_call(lambda: mlp_part(tokens), device, warmup, repeats)))
+    errors = {kind: relative_errors(pairs) for kind, pairs in (("attention", attention), ("mlp", mlp))}
+    every = errors["attention"] + errors["mlp"]
+    return {"median_error": C.median(every), "max_error": max(every),
+            **{f"{kind}_median_error": C.median(values) for kind, values in errors.items()}}
+
+
+def time_round_robin(models: dict, batch: int, rounds: int, warmup: int, seed: int,
+                     device: torch.device) -> dict[str, list[float]]:
+    """ms per forward of each model, `rounds` rounds, the order rotating every round (CUDA events on a GPU)."""
+    generator = torch.Generator().manual_seed(seed)
+    dtype = next(iter(models.values())).dtype
+    pixels = torch.randn(batch, 3, 224, 224, generator=generator).to(device, dtype)
+    names = list(models)
+    times = {name: [] for name in names}
+    with torch.inference_mode():
+        for name in names:
+            for _ in range(warmup):
+                models[name](pixel_values=pixels)
+        for index in range(rounds):
+            order = names[index % len(names):] + names[:index % len(names)]
+            for name in order:
+                times[name].append(_time_calls(lambda name=name: models[name](pixel_values=pixels), device, 1))
+    return times
+
+
+def macs_equivalent(speedup: float, sweep: list[tuple[float, float]]) -> float | None:
+    """The MACs ratio at which the MACs-budgeted models' measured speed-up equals `speedup` (linear interpolation
+    between the sweep's points, sorted by MACs; None outside the sweep)."""
+    points = sorted(sweep)
+    for (low_macs, low_speed), (high_macs, high_speed) in zip(points, points[1:]):
+        if min(low_speed, high_speed) <= speedup <= max(low_speed, high_speed) and low_speed != high_speed:
+            return low_macs + (high_macs - low_macs) * (low_speed - speedup) / (low_speed - high_speed)
+    return None
+
+
+def measure_cell(shape: str, batch: int, args, rng: random.Random, folder: Path) -> dict:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    dense = C.dense_vit(C.DEIT_SHAPES[shape], seed=args.seed)
+    config = dense.config
+    began = time.perf_counter()
+    table = build_latency_table(config, batch, args.dtype, device, grid=LatencyGrid.for_model(config, args.points),
+                                warmup=args.warmup, repeats=args.repeats, progress=False)
+    build_seconds = time.perf_counter() - began
+    path = table.save(folder / f"{shape}_{batch}.json")
+    C.log(f"{shape} batch {batch}: table built in {build_seconds:.0f} s")
+    errors = heldout_errors(config, table, batch, args.heldout, rng, args)
+    models, facts = {}, {}
+    full_macs = dense_macs(dense)
+    for method in args.methods.split(","):
+        for target in [float(t) for t in args.targets.split(",")]:
+            name = f"{method}@{target:g}x"
+            try:
+                architecture, built = decided_architecture(dense, method, args.seed, target_speedup=target,
+                                                           latency={"table": str(path), "batch_size": batch,
+                                                                    "dtype": args.dtype, "device": args.device})
+            except ValueError as error:  # the search space cannot reach it (e.g. OFB keeps every block)
+                facts[name] = {"method": method, "target_speedup": target, "unreachable": str(error)}
+                continue
+            models[name] = export_compressed_model(dense, architecture).eval()
+            predicted = built.architecture_cost(architecture)
+            facts[name] = {"method": method, "target_speedup": target, "predicted_ms": predicted,
+                           "dense_predicted_ms": built.dense_cost, "predicted_speedup": built.dense_cost / predicted,
+                           "macs_ratio": count_macs(models[name]) / full_macs, "kind": "speed"}
+        for ratio in [float(r) for r in args.macs_sweep.split(",")]:
+            name = f"{method}@{ratio:g}MACs"
+            try:
+                architecture, _ = decided_architecture(dense, method, args.seed, target_flops=ratio)
+            except ValueError:  # under the search space's smallest model
+                continue
+            models[name] = export_compressed_model(dense, architecture).eval()
+            facts[name] = {"method": method, "target_flops": ratio, "kind": "macs",
+                           "macs_ratio": count_macs(models[name]) / full_macs}
+    models = {name: model.to(device, dtype) for name, model in {"dense": dense, **models}.items()}
+    C.log(f"{shape} batch {batch}: timing {len(models)} models, {args.rounds} rounds")
+    times = time_round_robin(models, batch, args.rounds, args.warmup, args.seed, device)
+    for name, values in times.items():
+        if name == "dense":
+            continue
+        ratios = [d / m for d, m in zip(times["dense"], values)]
+        facts[name].update(measured_ms=C.median(values), measured_speedup=C.median(ratios),
+                           speedup_range=[min(ratios), max(ratios)])
+    for name, fact in facts.items():
+        if fact.get("kind") != "speed":
+            continue
+        sweep = [(f["macs_ratio"], f["measured_speedup"]) for f in facts.values()
+                 if f.get("kind") == "macs" and f["method"] == fact["method"]]
+        equivalent = macs_equivalent(fact["measured_speedup"], sweep)
+        fact["macs_equivalent"] = equivalent
+        fact["macs_kept_vs_macs_budget"] = fact["macs_ratio"] / equivalent if equivalent else None
+        fact["measured_over_target"] = fact["measured_speedup"] / fact["target_speedup"]
+    return {"shape": shape, "batch": batch, "build_seconds": round(build_seconds, 1), "table_key": table.key.__dict__,
+            "grid": table.grid.__dict__, "heldout": errors, "dense_measured_ms": C.median(times["dense"]),
+            "models": facts}
+
+
+def markdown(results: dict) -> str:
+    header = C.markdown_header("Speed budget: predicted vs measured speed-up, and MACs kept at equal speed",
+                               results["provenance"], [f"settings: {results['settings']}"])
+    rows, tables = [], []
+    for cell in results["cells"]:
+        heldout = cell["heldout"]
+        tables.append([cell["shape"], cell["batch"], cell["build_seconds"], f"{100 * heldout['median_error']:.1f}%",
+                       f"{100 * heldout['max_error']:.1f}%", f"{cell['dense_measured_ms']:.2f}"])
+        for name, fact in cell["models"].items():
+            if fact.get("kind") == "macs":
+                continue
+            if "unreachable" in fact:
+                rows.append([cell["shape"], cell["batch"], fact["method"], f"{fact['target_speedup']:g}x",
+                             "unreachable", "", "", "", "", ""])
+                continue
+            equivalent = fact["macs_equivalent"]
+            rows.append([cell["shape"], cell["batch"], fact["method"], f"{fact['target_speedup']:g}x",
+                         f"{fact['predicted_speedup']:.2f}x", f"{fact['measured_speedup']:.2f}x",
+                         f"{fact['measured_over_target']:.2f}", f"{fact['macs_ratio']:.3f}",
+                         "-" if equivalent is None else f"{equivalent:.3f}",
+                         "-" if equivalent is None else f"{fact['macs_kept_vs_macs_budget']:.2f}"])
+    sweep_rows = []
+    for cell in results["cells"]:
+        for name, fact in cell["models"].items():
+            if fact.get("kind") == "macs":
+                sweep_rows.append([cell["shape"], cell["batch"], fact["method"], f"{fact['target_flops']:g}",
+                                   f"{fact['macs_ratio']:.3f}", f"{fact['measured_speedup']:.2f}x"])
+    return (header + "\n## Speed-budgeted models\n\n" + C.md_table(
+        ["shape", "batch", "method", "target", "predicted", "measured (median)", "measured / target",
+         "MACs / dense", "MACs budget at the same measured speed", "MACs kept vs that budget"], rows)
+        + "\n\n## Latency tables\n\n" + C.md_table(
+            ["shape", "batch", "build s", "held-out median error", "held-out max error", "dense ms (measured)"],
+            tables)
+        + "\n\n## MACs-budgeted models (the sweep)\n\n" + C.md_table(
+            ["shape", "batch", "method", "target_flops", "MACs / dense", "measured speed-up"], sweep_rows) + "\n")
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--targets", default=",".join(f"{t:g}" for t in TARGETS))
+    parser.add_argument("--methods", default="uvc,ofb")
+    parser.add_argument("--macs-sweep", default=",".join(f"{r:g}" for r in MACS_SWEEP))
+    parser.add_argument("--points", type=int, default=3, help="table widths per axis")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per table cell and held-out shape")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7, help="round-robin timing rounds of the whole models")
+    parser.add_argument("--heldout", type=int, default=8, help="random held-out attention + MLP shapes per cell")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--name", default=None, help="results stem (default latency_budget, latency_budget_quick)")
+    parser.add_argument("--output-dir", default=str(C.RESULTS))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.shapes, args.batches, args.targets, args.methods = "deit-tiny", "1", "2", "uvc"
+        args.macs_sweep, args.repeats, args.warmup, args.rounds, args.heldout = "0.3,0.6", 2, 1, 3, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = args.name or ("latency_budget_quick" if args.quick else "latency_budget")
+    prov = C.provenance([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory() as folder:
+        cells = [measure_cell(shape, int(batch), args, rng, Path(folder)) for shape in args.shapes.split(",")
+                 for batch in args.batches.split(",")]
+    settings = {key: getattr(args, key) for key in ("targets", "methods", "macs_sweep", "points", "repeats", "warmup",
+                                                    "rounds", "heldout", "threads", "device", "dtype", "seed")}
+    results = {"provenance": prov, "settings": settings, "cells": cells}
+    output = Path(args.output_dir)
+    C.write_json(output / f"{name}.json", results, flat_lists=True)
+    (output / f"{name}.md").write_text(markdown(results))
+    print(markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
