@@ -109,8 +109,9 @@ def time_round_robin(models: dict, batch: int, rounds: int, warmup: int, seed: i
                      device: torch.device) -> dict[str, list[float]]:
     """ms per forward of each model, `rounds` rounds, the order rotating every round (CUDA events on a GPU)."""
     generator = torch.Generator().manual_seed(seed)
-    dtype = next(iter(models.values())).dtype
-    pixels = torch.randn(batch, 3, 224, 224, generator=generator).to(device, dtype)
+    first = next(iter(models.values()))
+    size = first.config.image_size
+    pixels = torch.randn(batch, 3, size, size, generator=generator).to(device, first.dtype)
     names = list(models)
     times = {name: [] for name in names}
     with torch.inference_mode():
