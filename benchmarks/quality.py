@@ -161,6 +161,12 @@ def parse_args(argv=None):
                              "paper's; default: the library's, 'log')")
     parser.add_argument("--ofb-distill", action="store_true",
                         help="OFB distils from a frozen copy of the dense model (UVC always does)")
+    parser.add_argument("--budget-unit", choices=("macs", "speedup"), default="macs",
+                        help="--budgets as MACs fractions (default) or, for ofb/uvc, target speed-ups on this CPU "
+                             "(CompressionConfig.target_speedup) priced by --latency-table")
+    parser.add_argument("--latency-table", default=None,
+                        help="--budget-unit speedup: the latency table (built and saved there when missing)")
+    parser.add_argument("--latency-batch", type=int, default=64, help="--budget-unit speedup: the batch it is for")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.FIELD=VALUE", dest="set_fields",
                         help="any other OFBConfig / UVCConfig field for the search methods, e.g. "
                              "ofb.embed_min_ratio=1.0 (value parsed as YAML; repeatable)")
@@ -435,7 +441,12 @@ def search_config(method: str, budget: float, args, train_size: int):
     """(the run's CompressionConfig, what it sets away from the library's defaults)."""
     from hf_vit_compress import CompressionConfig
 
-    config = CompressionConfig(method=method, target_flops=budget, search_fraction=args.search_fraction)
+    if args.budget_unit == "speedup":  # a speed budget on this CPU (fp32, --threads), measured after the run
+        config = CompressionConfig(method=method, target_speedup=budget, search_fraction=args.search_fraction,
+                                   latency={"table": args.latency_table, "batch_size": args.latency_batch,
+                                            "repeats": 7})
+    else:
+        config = CompressionConfig(method=method, target_flops=budget, search_fraction=args.search_fraction)
     overrides = search_overrides(args, method, train_size)
     for key, value in overrides.items():
         section, name = key.split(".")
@@ -524,6 +535,8 @@ def run_one(method: str, budget: float, seed: int, dense, args, train_set, eval_
                                       else "benchmark short-search constants", "overrides": overrides},
                      method_config=method_config, search_trace=trace.columns(),
                      loss_log=loss_log(trainer, set(trace.columns()) - {"step"}))
+        if config.budget_unit == "latency":
+            extra["speed_budget"] = trainer.speed_budget_facts(trainer.method.final_architecture)
         macs = count_macs(final)
     elif method.startswith("tp-"):
         importance = method.split("-", 1)[1]
@@ -545,7 +558,7 @@ def run_one(method: str, budget: float, seed: int, dense, args, train_set, eval_
     result = dict(method=method, budget=budget, seed=seed, accuracy=accuracy(final, eval_set), macs=macs,
                   macs_ratio=macs / dense_macs, params=count_params(final), steps=args.steps,
                   seconds=round(seconds, 1), shapes=C.shapes_summary(C.shapes_of(final)), **extra)
-    if result["macs_ratio"] > budget + 1e-9:
+    if args.budget_unit == "macs" and result["macs_ratio"] > budget + 1e-9:
         raise AssertionError(f"{method}@{budget}: {result['macs_ratio']:.4f} of the dense MACs is over budget")
     return result
 
