@@ -8,8 +8,11 @@
 1. `targets` builds (or loads) the latency table of the converged CIFAR-10 model's shape (benchmarks/dense/
    cifar10_medium: 32 px, patch 4, hidden 96, 4 blocks, 3 heads, MLP 384) on this CPU at batch 64, fp32, one
    thread, then rebuilds every OFB and UVC model of results/quality_converged.json at 50% MACs from its recorded
-   shapes (random weights: speed depends on shapes only), times each round-robin against the dense model and
-   prints the median measured speed-up per method: the target of that method's speed-budgeted runs.
+   shapes (random weights: speed depends on shapes only), times each round-robin against the dense model, and
+   prints per method the median measured speed-up and the median speed-up the table predicts for them. The latter
+   is the target of that method's speed-budgeted runs (`table_target`): the table under-predicts these models'
+   speed-ups (1.43-1.62 predicted, 1.73-1.85 measured), and targeting the table's own figure for the MACs models
+   puts both budgets under the same bias, so their measured speeds come out comparable.
 2. quality.py's `--budget-unit speedup` runs OFB / UVC from the same converged model with the same steps and seeds,
    budgeted in time by that table (the trainer measures the result against the dense model at the end).
 3. `report` puts each method's speed-budgeted runs beside its MACs-budgeted ones: top-1 (median of 3 seeds, full
@@ -73,7 +76,10 @@ def targets(args) -> dict:
     result = {"batch": BATCH, "table": str(TABLE.relative_to(C.REPO)), "dense_ms": C.median(times["dense"]),
               "measured_speedup": speedups, "predicted_speedup": predicted,
               "target": {method: round(C.median([v for k, v in speedups.items() if k.startswith(method + "|")]), 2)
-                         for method in ("ofb", "uvc")}}
+                         for method in ("ofb", "uvc")},
+              "table_target": {method: round(C.median([v for k, v in predicted.items()
+                                                       if k.startswith(method + "|")]), 2)
+                               for method in ("ofb", "uvc")}}
     C.write_json(C.RESULTS / "speed_accuracy_targets.json", {"provenance": C.provenance(), **result})
     print(json.dumps(result, indent=1))
     return result
@@ -82,7 +88,7 @@ def targets(args) -> dict:
 def report(args) -> str:
     macs_runs = json.loads((C.RESULTS / "quality_converged.json").read_text())["runs"]
     target_file = json.loads((C.RESULTS / "speed_accuracy_targets.json").read_text())
-    rows = []
+    rows, readings = [], []
     for method in ("ofb", "uvc"):
         path = C.RESULTS / f"speed_accuracy_{method}.json"
         if not path.exists():
@@ -101,10 +107,19 @@ def report(args) -> str:
                      f"{C.median([r['macs_ratio'] for r in speed]):.3f}",
                      f"{C.median(measured):.2f}x" if measured else "-",
                      f"predicted {C.median(predicted):.2f}x" if predicted else ""])
+        delta = C.median([100 * r["accuracy"] for r in speed]) - C.median([100 * r["accuracy"] for r in macs])
+        readings.append(f"- {method}: the speed budget measured {C.median(measured):.2f}x against the MACs budget's "
+                        f"{C.median(measured_macs):.2f}x, kept {C.median([r['macs_ratio'] for r in speed]):.3f} "
+                        f"of the MACs against {C.median([r['macs_ratio'] for r in macs]):.3f}, and scored "
+                        f"{delta:+.2f} points (median top-1).")
     header = C.markdown_header("Accuracy at equal measured speed: speed budget vs MACs budget (CIFAR-10, converged)",
-                               C.provenance(), [f"targets: {target_file['target']} (speed_accuracy_targets.json)"])
+                               C.provenance(),
+                               [f"the 50%-MACs models' median speed-up, measured: {target_file['target']}, by the "
+                                f"table: {target_file['table_target']} (the speed runs' targets; "
+                                "speed_accuracy_targets.json)"])
     text = header + "\n" + C.md_table(["method", "budget", "top-1 % median [min, max] (3 seeds)", "MACs / dense",
-                                       "measured speed-up (CPU, batch 64)", "note"], rows) + "\n"
+                                       "measured speed-up (CPU, batch 64)", "note"], rows) + "\n\n" \
+        + "\n".join(readings) + "\n"
     (C.RESULTS / "speed_accuracy.md").write_text(text)
     print(text)
     return text
