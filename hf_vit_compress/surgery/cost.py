@@ -99,7 +99,9 @@ class LatencyTableCost(BudgetCost):
     priced cheaper than a narrower one, which timing noise between two close grid points (or a faster kernel for an
     aligned width) could otherwise suggest, so every removal saves time (or nothing) and the budget's gradients never
     reward growing. A compressed model is so priced at or above the raw table's prediction; the dense model, a
-    measured grid corner, is priced as measured (`dense`), so a predicted speed-up errs on the low side.
+    measured grid corner, is priced as measured (`dense`), so a predicted speed-up errs on the low side. Every
+    block's parts are then calibrated to what a whole model pays (`LatencyTable.block_calibration`: a scale and a
+    per-block offset fitted to two whole models timed with the table).
 
     Args:
         table: the measured table.
@@ -113,6 +115,9 @@ class LatencyTableCost(BudgetCost):
         self.table = table
         self.priced = monotone_table(table)
         self._tensor_costs: dict[torch.device, LatencyCost] = {}
+        # a block's price inside a whole model: scale * its parts + a per-block offset, half on each sub-block
+        self.scale, block_ms = table.block_calibration()
+        self.half_block_ms = block_ms / 2
 
     def _on(self, *values) -> LatencyCost | None:
         """The tensor pricing on the device of the first tensor among `values`, or None for plain numbers."""
@@ -130,17 +135,24 @@ class LatencyTableCost(BudgetCost):
     def attention(self, hidden, heads, qk_head_dim, v_head_dim):
         tensor_cost = self._on(hidden, heads, qk_head_dim, v_head_dim)
         if tensor_cost is None:
-            return self.priced.predict_attention(hidden, heads, qk_head_dim, v_head_dim)
-        return tensor_cost.attention(hidden, heads, qk_head_dim, v_head_dim)
+            parts = self.priced.predict_attention(hidden, heads, qk_head_dim, v_head_dim)
+            return self.scale * parts + (self.half_block_ms if heads > 0 else 0.0)
+        parts = tensor_cost.attention(hidden, heads, qk_head_dim, v_head_dim)
+        return self.scale * parts + self.half_block_ms * (heads > 0)
 
     def mlp(self, hidden, width):
         tensor_cost = self._on(hidden, width)
-        return self.priced.predict_mlp(hidden, width) if tensor_cost is None else tensor_cost.mlp(hidden, width)
+        if tensor_cost is None:
+            return self.scale * self.priced.predict_mlp(hidden, width) + (self.half_block_ms if width > 0 else 0.0)
+        return self.scale * tensor_cost.mlp(hidden, width) + self.half_block_ms * (width > 0)
 
     def dense(self) -> float:
-        """The dense model by the table as measured (not made monotone): its widths are the grid's top corner, a
-        measured point, and raising it to a narrower cell's time would overstate every speed-up."""
-        return self.table.predict_config_of(self.geometry)
+        """The dense model by the table as measured (not made monotone; calibrated like every block): its widths
+        are the grid's top corner, a measured point, and raising it to a narrower cell's time would overstate every
+        speed-up."""
+        geo = self.geometry
+        parts = self.table.predict_config_of(geo) - self.table.predict_stem(geo.hidden_size)
+        return self.stem(geo.hidden_size) + self.scale * parts + 2 * self.half_block_ms * geo.num_layers
 
     def describe(self) -> dict:
         key = self.table.key
@@ -179,6 +191,12 @@ def load_or_build_table(dense_config, latency_config, progress: bool = True) -> 
     path = Path(latency_config.table) if latency_config.table else None
     if path is not None and path.exists():
         return LatencyTable.load(path, expected_key=key)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        raise ValueError(
+            f"CompressionConfig.latency.table={latency_config.table!r} is invalid: allowed an existing table in a "
+            "multi-process run (every process timing one at once would time their contention): build it first with "
+            "`hf-vit-compress profile-latency`")
     from .latency import LatencyGrid
 
     table = build_latency_table(dense_config, latency_config.batch_size, latency_config.dtype, latency_config.device,

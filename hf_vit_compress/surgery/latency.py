@@ -203,6 +203,25 @@ class LatencyTable:
                  "intermediate_size": geometry.intermediate_size}
         return self.predict_layers(geometry.hidden_size, [dense] * geometry.num_layers)
 
+    def block_calibration(self) -> tuple[float, float]:
+        """(scale, ms per block) such that a block's time inside a whole model is scale * (its parts' time) + ms per
+        block, fitted to the two whole models timed with the table (every block at the grid's narrowest and at its
+        widest corner: `meta["whole_models"]`); (1.0, 0.0) for a table without them. Parts timed one at a time miss
+        what a whole model pays between them (dispatch, caches): on this CPU at batch 1 a narrow DeiT-T ran ~20%
+        slower than the sum of its parts. The scale is clipped to [0.5, 2] and the offset to >= 0."""
+        models = self.meta.get("whole_models")
+        if not models:
+            return 1.0, 0.0
+        count = models["num_layers"]
+        stems = {"narrow": self.predict_stem(self.grid.hidden[0]), "dense": self.predict_stem(self.grid.hidden[-1])}
+        parts = {corner: (models[corner]["parts_ms"] - stems[corner]) / count for corner in stems}
+        whole = {corner: (models[corner]["measured_ms"] - stems[corner]) / count for corner in stems}
+        scale = 1.0
+        if parts["dense"] > parts["narrow"]:
+            scale = (whole["dense"] - whole["narrow"]) / (parts["dense"] - parts["narrow"])
+        scale = min(max(scale, 0.5), 2.0)
+        return scale, max(0.0, whole["narrow"] - scale * parts["narrow"])
+
     # -- files ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"version": TABLE_VERSION, "key": asdict(self.key), "grid": asdict(self.grid),
@@ -446,10 +465,23 @@ def build_latency_table(dense_config, batch_size: int, dtype: str = "float32", d
     attention = [[[[median[("attention", i, j, k, m)] for m in range(len(grid.v_head_dims))]
                    for k in range(len(grid.qk_head_dims))] for j in range(len(grid.heads))] for i in hidden_range]
     mlp = [[median[("mlp", i, j)] for j in range(len(grid.mlp))] for i in hidden_range]
+    table = LatencyTable(key, grid, stem, attention, mlp, {})
     meta = {"warmup": warmup, "repeats": repeats, "statistic": "median over passes of the grid",
+            "whole_models": {"num_layers": dense_config.num_hidden_layers,
+                             **{corner: {"measured_ms": median[("model", corner)],
+                                         "parts_ms": table.predict_layers(*_corner_model(dense_config, grid, corner))}
+                                for corner in ("narrow", "dense")}},
             "min_sample_ms": MIN_SAMPLE_MS, "seconds": round(time.perf_counter() - began, 1),
             "interpolation": "multilinear", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return LatencyTable(key, grid, stem, attention, mlp, meta)
+
+
+def _corner_model(dense_config, grid: LatencyGrid, corner: str) -> tuple[int, list[dict]]:
+    """(residual width, layers) of a whole model with every block at the grid's narrowest or widest corner."""
+    pick = (lambda axis: axis[0]) if corner == "narrow" else (lambda axis: axis[-1])
+    layer = {"num_heads": pick(grid.heads), "qk_head_dim": pick(grid.qk_head_dims),
+             "v_head_dim": pick(grid.v_head_dims), "intermediate_size": pick(grid.mlp)}
+    return pick(grid.hidden), [layer] * dense_config.num_hidden_layers
 
 
 def _table_cells(dense_config, grid: LatencyGrid, tokens: int, batch_size: int, attn_implementation: str,
@@ -475,6 +507,14 @@ def _table_cells(dense_config, grid: LatencyGrid, tokens: int, batch_size: int, 
                     cells[("attention", i, j, k, m)] = (ready(part), states)
         for j, width in enumerate(grid.mlp):
             cells[("mlp", i, j)] = (ready(_MLPPart(config, _layer(1, 1, 1, width, scaling))), states)
+    # two whole models (every block at the narrowest / widest grid corner): what the parts timed alone miss
+    # (dispatch between blocks, caches), from which `LatencyTable.block_calibration` corrects a block's price
+    for corner in ("narrow", "dense"):
+        hidden, layers = _corner_model(dense_config, grid, corner)
+        config = _part_config(dense_config, hidden, [{**layer, "scaling": scaling} for layer in layers],
+                              attn_implementation)
+        pixels = torch.randn(batch_size, config.num_channels, *_pair(config.image_size), generator=generator)
+        cells[("model", corner)] = (ready(CompressedViTForImageClassification(config)), pixels.to(device, dtype))
     return cells
 
 

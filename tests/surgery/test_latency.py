@@ -125,3 +125,20 @@ def test_the_differentiable_cost_matches_the_table_and_its_gradient_is_the_slope
     slopes = [(table.mlp_ms[0][i + 1] - table.mlp_ms[0][i]) / (g.mlp[i + 1] - g.mlp[i]) for i in (0, 1)]
     assert widths.grad.tolist() == pytest.approx(slopes, rel=1e-4)
     assert cost.attention(hidden, torch.zeros(2), hidden, hidden).tolist() == [0.0, 0.0]
+
+
+def test_the_block_calibration_fits_the_two_whole_models_timed_with_the_table(table):
+    models = table.meta["whole_models"]
+    assert models["num_layers"] == tiny_vit_config().num_hidden_layers
+    assert all(models[corner]["measured_ms"] > 0 for corner in ("narrow", "dense"))
+    scale, offset = table.block_calibration()
+    assert 0.5 <= scale <= 2.0 and offset >= 0.0
+    # a whole model 1.2x its parts plus 0.1 ms per block is recovered exactly
+    count = models["num_layers"]
+    stems = [table.predict_stem(table.grid.hidden[0]), table.predict_stem(table.grid.hidden[-1])]
+    for corner, stem, block in zip(("narrow", "dense"), stems, (0.2, 0.5)):
+        models[corner]["parts_ms"] = stem + block * count
+        models[corner]["measured_ms"] = stem + (1.2 * block + 0.1) * count
+    assert table.block_calibration() == pytest.approx((1.2, 0.1))
+    table.meta.pop("whole_models")
+    assert table.block_calibration() == (1.0, 0.0)  # a table without them (an older file) is priced as its parts
