@@ -8,6 +8,8 @@ from ...validation import Validated, check, check_ratios, check_types
 
 #: how OFB holds its budget (OFBConfig.budget_control)
 BUDGET_CONTROLS = ("dual", "paper")
+#: how OFB starts its importance logits (OFBConfig.score_init)
+SCORE_INITS = ("random", "weights")
 
 
 @dataclass
@@ -56,6 +58,10 @@ class OFBConfig(Validated):
         eliminations_per_epoch: `budget_control="paper"`: elimination rounds per epoch, from the first step (paper:
             about 3).
         score_init_std: std of the truncated-normal init of the importance logits s (S = sigmoid(s)).
+        score_init: `"weights"` (default, a deviation): s in the order of a magnitude score of each unit in the
+            dense weights, evenly spaced over the random init's range (+-2 std), so a search from a trained model
+            refines an informed order instead of a random one (a short search barely reorders s).
+            `"random"`: the paper's truncated-normal draw above.
     """
 
     prune_heads: bool = False
@@ -88,6 +94,7 @@ class OFBConfig(Validated):
     elimination_rounds: int = 100
     eliminations_per_epoch: float = 3.0
     score_init_std: float = 0.2
+    score_init: str = "weights"
 
     def validate(self) -> None:
         check_types(self, "ofb.")
@@ -109,6 +116,7 @@ class OFBConfig(Validated):
         for name in ("module_loss_weight", "flops_loss_weight", "norm_coefficient_attention",
                      "norm_coefficient_other", "arch_weight_decay", "score_init_std"):
             check(getattr(self, name) >= 0, f"ofb.{name}", getattr(self, name), ">= 0")
+        check(self.score_init in SCORE_INITS, "ofb.score_init", self.score_init, " or ".join(map(repr, SCORE_INITS)))
         check(self.budget_control in BUDGET_CONTROLS, "ofb.budget_control", self.budget_control,
                " or ".join(map(repr, BUDGET_CONTROLS)))
         for name in ("arch_travel", "decoder_lr", "eliminations_per_epoch"):

@@ -18,6 +18,7 @@ from ...surgery.architecture import Architecture, LayerArchitecture
 from ...surgery.gating import Masks
 from ...training.device_logs import LogWindow
 from ..base import CompressionMethod
+from .importance import initialise_from_weights
 from .modules import (  # noqa: F401  (re-exported: the search space and loss terms are part of this API)
     ModuleView,
     SearchableAttention,
@@ -73,6 +74,9 @@ class OFBMethod(CompressionMethod):
             (geo.hidden_size,), embed_choices(geo.hidden_size, settings), settings.score_init_std,
             settings.norm_coefficient_other, settings.sigma_eps,
         )
+        if settings.score_init == "weights":
+            initialise_from_weights(self.attention, self.mlp, self.embed, self.parts, geo.num_heads,
+                                    settings.score_init_std)
         # host copy of the narrowest embedding candidate: the masks keep at least this many channels (mean fill)
         self._min_embed_width = min(embed_choices(geo.hidden_size, settings))
         self._build_cost_tables()
