@@ -8,7 +8,9 @@ For every (shape, batch):
 
 1. A latency table is built on this CPU (`build_latency_table`, `--points` widths per axis, median of `--repeats`
    calls; the seconds it took are recorded) and its prediction error measured on `--heldout` random attention and
-   MLP shapes that are not grid points (|predicted - measured| / measured, each timed as the table times).
+   MLP shapes that are not grid points (|predicted - measured| / measured, each timed as the table times), their
+   widths rounded to multiples of 8 as the library's exports are (`channel_multiple`). `--heldout-only` measures
+   only that, and the error at any width beside it (odd widths can run far slower than their neighbours).
 2. For each target speed-up (1.5x / 2x / 3x) and method, the method is built with
    `CompressionConfig(target_speedup=x, latency={"table": ...})` and decides from a seeded random search state (no
    training: speed depends on shapes only, as in speed.py; `_common.ofb_architecture` / `uvc_architecture` describe
@@ -48,6 +50,7 @@ from hf_vit_compress.surgery.latency import (  # noqa: E402
     DTYPES,
     LatencyGrid,
     _AttentionPart,
+    _layer,
     _MLPPart,
     _part_config,
     _time_calls,
@@ -58,6 +61,8 @@ from hf_vit_compress.surgery.latency import (  # noqa: E402
 SHAPES = ("deit-tiny", "deit-small")
 TARGETS = (1.5, 2.0, 3.0)
 MACS_SWEEP = (0.15, 0.25, 0.35, 0.5, 0.65, 0.8)
+#: held-out shapes are rounded as the library's exports are (`channel_multiple` 8): widths a method can produce
+HELDOUT_MULTIPLE = 8
 
 
 def decided_architecture(model, method: str, seed: int, **budget):
@@ -77,8 +82,19 @@ def decided_architecture(model, method: str, seed: int, **budget):
     return C._without_scales(built.decide()), built
 
 
-def heldout_errors(config, table, batch: int, count: int, rng: random.Random, args) -> dict:
-    """The table's relative error on `count` random attention and MLP shapes off its grid."""
+def _aligned(layer: dict, hidden: int, multiple: int, scaling: float) -> tuple[int, dict]:
+    """`hidden` and `layer`'s widths rounded to a multiple of `multiple` (at least `multiple`), as the library's
+    exports round them (`channel_multiple`, default 8)."""
+    def rounded(width: int) -> int:
+        return max(multiple, multiple * round(width / multiple))
+
+    return rounded(hidden), _layer(layer["num_heads"], rounded(layer["qk_head_dim"]), rounded(layer["v_head_dim"]),
+                                   rounded(layer["intermediate_size"]), scaling)
+
+
+def heldout_errors(config, table, batch: int, count: int, rng: random.Random, args, multiple: int = 1) -> dict:
+    """The table's relative error on `count` random attention and MLP shapes off its grid, their widths rounded to
+    a multiple of `multiple` (1: any width)."""
     scaling = (config.hidden_size // config.num_attention_heads) ** -0.5
     generator = torch.Generator().manual_seed(rng.randint(0, 2**31))
     device, dtype, repeats, warmup = torch.device(args.device), DTYPES[args.dtype], args.repeats, args.warmup
@@ -87,6 +103,8 @@ def heldout_errors(config, table, batch: int, count: int, rng: random.Random, ar
     while len(mlp) < count:
         hidden = rng.randint(config.hidden_size // 4, config.hidden_size)
         layer = random_layer(config, rng, scaling)
+        if multiple > 1:
+            hidden, layer = _aligned(layer, hidden, multiple, scaling)
         on_grid = (hidden in grid.hidden and layer["intermediate_size"] in grid.mlp)
         if on_grid:
             continue
@@ -145,7 +163,11 @@ def measure_cell(shape: str, batch: int, args, rng: random.Random, folder: Path)
     build_seconds = time.perf_counter() - began
     path = table.save(folder / f"{shape}_{batch}.json")
     C.log(f"{shape} batch {batch}: table built in {build_seconds:.0f} s")
-    errors = heldout_errors(config, table, batch, args.heldout, rng, args)
+    errors = heldout_errors(config, table, batch, args.heldout, rng, args, multiple=HELDOUT_MULTIPLE)
+    if args.heldout_only:
+        any_width = heldout_errors(config, table, batch, args.heldout, rng, args)
+        return {"shape": shape, "batch": batch, "build_seconds": round(build_seconds, 1),
+                "table_key": table.key.__dict__, "heldout": errors, "heldout_any_width": any_width}
     models, facts = {}, {}
     full_macs = dense_macs(dense)
     for method in args.methods.split(","):
@@ -195,7 +217,23 @@ def measure_cell(shape: str, batch: int, args, rng: random.Random, folder: Path)
             "models": facts}
 
 
+def heldout_markdown(results: dict) -> str:
+    header = C.markdown_header("Latency tables: prediction error on held-out shapes", results["provenance"],
+                               [f"settings: {results['settings']}"])
+    rows = []
+    for cell in results["cells"]:
+        ours, anywidth = cell["heldout"], cell["heldout_any_width"]
+        rows.append([cell["shape"], cell["batch"], cell["build_seconds"],
+                     f"{100 * ours['median_error']:.1f}%", f"{100 * ours['max_error']:.1f}%",
+                     f"{100 * anywidth['median_error']:.1f}%", f"{100 * anywidth['max_error']:.1f}%"])
+    return header + "\n" + C.md_table(
+        ["shape", "batch", "build s", f"median error, widths multiples of {HELDOUT_MULTIPLE} (exports)",
+         "max error, same", "median error, any width", "max error, any width"], rows) + "\n"
+
+
 def markdown(results: dict) -> str:
+    if results["settings"].get("heldout_only"):
+        return heldout_markdown(results)
     header = C.markdown_header("Speed budget: predicted vs measured speed-up, and MACs kept at equal speed",
                                results["provenance"], [f"settings: {results['settings']}"])
     rows, tables = [], []
@@ -226,7 +264,8 @@ def markdown(results: dict) -> str:
         ["shape", "batch", "method", "target", "predicted", "measured (median)", "measured / target",
          "MACs / dense", "MACs budget at the same measured speed", "MACs kept vs that budget"], rows)
         + "\n\n## Latency tables\n\n" + C.md_table(
-            ["shape", "batch", "build s", "held-out median error", "held-out max error", "dense ms (measured)"],
+            ["shape", "batch", "build s", f"held-out median error (widths multiples of {HELDOUT_MULTIPLE})",
+             "held-out max error", "dense ms (measured)"],
             tables)
         + "\n\n## MACs-budgeted models (the sweep)\n\n" + C.md_table(
             ["shape", "batch", "method", "target_flops", "MACs / dense", "measured speed-up"], sweep_rows) + "\n")
@@ -248,6 +287,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--heldout-only", action="store_true",
+                        help="only build the tables and measure their held-out error (widths rounded as exports "
+                             "round them, and any width)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--name", default=None, help="results stem (default latency_budget, latency_budget_quick)")
     parser.add_argument("--output-dir", default=str(C.RESULTS))
@@ -257,14 +299,16 @@ def main(argv=None) -> dict:
         args.macs_sweep, args.repeats, args.warmup, args.rounds, args.heldout = "0.3,0.6", 2, 1, 3, 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    name = args.name or ("latency_budget_quick" if args.quick else "latency_budget")
+    name = args.name or ("latency_budget_quick" if args.quick else
+                         "latency_budget_heldout" if args.heldout_only else "latency_budget")
     prov = C.provenance([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as folder:
         cells = [measure_cell(shape, int(batch), args, rng, Path(folder)) for shape in args.shapes.split(",")
                  for batch in args.batches.split(",")]
     settings = {key: getattr(args, key) for key in ("targets", "methods", "macs_sweep", "points", "repeats", "warmup",
-                                                    "rounds", "heldout", "threads", "device", "dtype", "seed")}
+                                                    "rounds", "heldout", "threads", "device", "dtype", "seed",
+                                                    "heldout_only")}
     results = {"provenance": prov, "settings": settings, "cells": cells}
     output = Path(args.output_dir)
     C.write_json(output / f"{name}.json", results, flat_lists=True)

@@ -16,7 +16,7 @@
 2. quality.py's `--budget-unit speedup` runs OFB / UVC from the same converged model with the same steps and seeds,
    budgeted in time by that table (the trainer measures the result against the dense model at the end).
 3. `report` puts each method's speed-budgeted runs beside its MACs-budgeted ones: top-1 (median of 3 seeds, full
-   test set), MACs kept, measured speed-up.
+   test set), MACs kept, measured speed-up; speed_accuracy.png plots top-1 against measured speed-up.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def targets(args) -> dict:
 def report(args) -> str:
     macs_runs = json.loads((C.RESULTS / "quality_converged.json").read_text())["runs"]
     target_file = json.loads((C.RESULTS / "speed_accuracy_targets.json").read_text())
-    rows, readings = [], []
+    rows, readings, points = [], [], []
     for method in ("ofb", "uvc"):
         path = C.RESULTS / f"speed_accuracy_{method}.json"
         if not path.exists():
@@ -107,6 +107,8 @@ def report(args) -> str:
                      f"{C.median([r['macs_ratio'] for r in speed]):.3f}",
                      f"{C.median(measured):.2f}x" if measured else "-",
                      f"predicted {C.median(predicted):.2f}x" if predicted else ""])
+        points.append((method, "MACs budget", measured_macs, [100 * r["accuracy"] for r in macs]))
+        points.append((method, "speed budget", measured, [100 * r["accuracy"] for r in speed]))
         delta = C.median([100 * r["accuracy"] for r in speed]) - C.median([100 * r["accuracy"] for r in macs])
         readings.append(f"- {method}: the speed budget measured {C.median(measured):.2f}x against the MACs budget's "
                         f"{C.median(measured_macs):.2f}x, kept {C.median([r['macs_ratio'] for r in speed]):.3f} "
@@ -121,8 +123,32 @@ def report(args) -> str:
                                        "measured speed-up (CPU, batch 64)", "note"], rows) + "\n\n" \
         + "\n".join(readings) + "\n"
     (C.RESULTS / "speed_accuracy.md").write_text(text)
+    plot_speed_accuracy(points, C.RESULTS / "speed_accuracy.png")
     print(text)
     return text
+
+
+def plot_speed_accuracy(points: list[tuple[str, str, list[float], list[float]]], path: Path) -> None:
+    """Top-1 against *measured* speed-up (median, min-max bars over seeds), one colour per method, one marker per
+    budget unit: the question of item 5 is accuracy at equal speed, so speed is the x axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    colours, markers = {"ofb": "tab:orange", "uvc": "tab:blue"}, {"MACs budget": "o", "speed budget": "^"}
+    for method, unit, speedups, accuracies in points:
+        x, y = C.median(speedups), C.median(accuracies)
+        axes.errorbar([x], [y], xerr=[[x - min(speedups)], [max(speedups) - x]],
+                      yerr=[[y - min(accuracies)], [max(accuracies) - y]], fmt=markers[unit],
+                      color=colours[method], capsize=3, label=f"{method}, {unit}")
+    axes.set_xlabel("measured speed-up over dense (CPU fp32, batch 64)")
+    axes.set_ylabel("top-1 accuracy (%), test split")
+    axes.set_title("CIFAR-10, converged: accuracy at equal measured speed (3 seeds)", fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    C.save_figure(figure, path)
 
 
 def _spread(values: list[float]) -> str:
