@@ -132,27 +132,29 @@ class LatencyTableCost(BudgetCost):
         tensor_cost = self._on(hidden)
         return self.priced.predict_stem(hidden) if tensor_cost is None else tensor_cost.stem(hidden)
 
+    def _calibrated(self, parts, units):
+        """A sub-block's price inside a whole model: scale * its parts' time + half the per-block offset while it
+        keeps any unit (`units` > 0); numbers or tensors alike."""
+        return self.scale * parts + self.half_block_ms * (units > 0)
+
     def attention(self, hidden, heads, qk_head_dim, v_head_dim):
         tensor_cost = self._on(hidden, heads, qk_head_dim, v_head_dim)
-        if tensor_cost is None:
-            parts = self.priced.predict_attention(hidden, heads, qk_head_dim, v_head_dim)
-            return self.scale * parts + (self.half_block_ms if heads > 0 else 0.0)
-        parts = tensor_cost.attention(hidden, heads, qk_head_dim, v_head_dim)
-        return self.scale * parts + self.half_block_ms * (heads > 0)
+        price = self.priced.predict_attention if tensor_cost is None else tensor_cost.attention
+        return self._calibrated(price(hidden, heads, qk_head_dim, v_head_dim), heads)
 
     def mlp(self, hidden, width):
         tensor_cost = self._on(hidden, width)
-        if tensor_cost is None:
-            return self.scale * self.priced.predict_mlp(hidden, width) + (self.half_block_ms if width > 0 else 0.0)
-        return self.scale * tensor_cost.mlp(hidden, width) + self.half_block_ms * (width > 0)
+        price = self.priced.predict_mlp if tensor_cost is None else tensor_cost.mlp
+        return self._calibrated(price(hidden, width), width)
 
     def dense(self) -> float:
-        """The dense model by the table as measured (not made monotone; calibrated like every block): its widths
-        are the grid's top corner, a measured point, and raising it to a narrower cell's time would overstate every
-        speed-up."""
+        """The dense model by the table as measured (not made monotone; its blocks calibrated like every block):
+        its widths are the grid's top corner, a measured point, and raising it to a narrower cell's time would
+        overstate every speed-up."""
         geo = self.geometry
-        parts = self.table.predict_config_of(geo) - self.table.predict_stem(geo.hidden_size)
-        return self.stem(geo.hidden_size) + self.scale * parts + 2 * self.half_block_ms * geo.num_layers
+        stem = self.table.predict_stem(geo.hidden_size)
+        blocks = self.table.predict_config_of(geo) - stem
+        return stem + self.scale * blocks + 2 * self.half_block_ms * geo.num_layers
 
     def describe(self) -> dict:
         key = self.table.key

@@ -57,7 +57,7 @@ def embed_scores(parts: ModelParts) -> torch.Tensor:
 def logits_from_scores(scores: torch.Tensor, std: float, unit_dims: int) -> torch.Tensor:
     """Importance logits in the order of `scores` over its last `unit_dims` axes (each module on its own): evenly
     spaced by rank over [-2 std, 2 std], the lowest score lowest."""
-    flat = scores.flatten(-unit_dims) if unit_dims > 1 else scores
+    flat = scores.flatten(-unit_dims)
     ranks = flat.argsort(-1).argsort(-1).to(torch.float32)  # 0 = least important
     units = flat.shape[-1]
     logits = std * (4 * (ranks + 0.5) / units - 2)

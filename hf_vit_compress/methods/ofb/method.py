@@ -74,7 +74,7 @@ class OFBMethod(CompressionMethod):
             (geo.hidden_size,), embed_choices(geo.hidden_size, settings), settings.score_init_std,
             settings.norm_coefficient_other, settings.sigma_eps,
         )
-        if settings.score_init == "weights":
+        if settings.score_init == "weights":  # after the random draw, so the rest of the run sees the same RNG stream
             initialise_from_weights(self.attention, self.mlp, self.embed, self.parts, geo.num_heads,
                                     settings.score_init_std)
         # host copy of the narrowest embedding candidate: the masks keep at least this many channels (mean fill)
