@@ -50,7 +50,9 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-import quality as Q  # noqa: E402
+import quality_data as QD  # noqa: E402
+import quality_runs as QR  # noqa: E402
+import quality_setup as QS  # noqa: E402
 from overhead import SyntheticImages  # noqa: E402
 
 VARIANTS = ("full", "lora", "lora-lr10")
@@ -187,7 +189,7 @@ def quality_args(args):
     for flag, value in (("--data-dir", args.data_dir), ("--cache-dir", args.cache_dir), ("--steps", args.steps)):
         if value is not None:
             argv += [flag, str(value)]
-    return Q.parse_args(argv)
+    return QS.parse_args(argv)
 
 
 def accuracy_run(method: str, variant: str, qargs, args, dense, train_set, eval_set) -> dict:
@@ -196,15 +198,15 @@ def accuracy_run(method: str, variant: str, qargs, args, dense, train_set, eval_
     from hf_vit_compress import CompressionTrainer, count_macs, count_params
     from hf_vit_compress.data import collate_images
 
-    lr = Q.MODES[qargs.mode]["lr"]
+    lr = QS.MODES[qargs.mode]["lr"]
     config = compression_config(method, variant, args.budget, qargs.search_fraction, lr)
-    Q.apply_search_settings(config, qargs)
+    QR.apply_overrides(config, QR.search_overrides(qargs, method, len(train_set)))
     set_seed(args.seed)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lora-recovery-") as tmp:
-        at_search_end = Q.AccuracyAtSearchEnd(eval_set)
+        at_search_end = QR.AccuracyAtSearchEnd(eval_set)
         trainer = CompressionTrainer(model=copy.deepcopy(dense).train(), compression_config=config,
-                                     args=Q.training_arguments(qargs, tmp, qargs.steps, lr, args.seed),
+                                     args=QD.training_arguments(qargs, tmp, qargs.steps, lr, args.seed),
                                      train_dataset=train_set, data_collator=collate_images, callbacks=[at_search_end])
         probe = PhaseProbe(trainer, cuda=False)
         trainer.add_callback(probe)
@@ -215,7 +217,7 @@ def accuracy_run(method: str, variant: str, qargs, args, dense, train_set, eval_
                 adapter_lr=config.lora.learning_rate if variant != "full" else None,
                 lora=dict(LORA, targets=config.lora.target_modules, train_heads=config.lora.train_heads)
                 if variant != "full" else None,
-                accuracy=Q.accuracy(final, eval_set), accuracy_before_finetune=at_search_end.accuracy,
+                accuracy=QD.accuracy(final, eval_set), accuracy_before_finetune=at_search_end.accuracy,
                 macs_ratio=count_macs(final) / count_macs(dense), params=count_params(final),
                 trainable_in_finetuning=trainable_in_finetuning(trainer), steps=qargs.steps,
                 search_steps=trainer.method.total_search_steps, seconds=round(seconds, 1),
@@ -224,10 +226,12 @@ def accuracy_run(method: str, variant: str, qargs, args, dense, train_set, eval_
 
 def accuracy_part(args, prov) -> dict:
     qargs = quality_args(args)
-    make_train_set, eval_set = Q.load_data(qargs)
-    dense, dense_info = Q.dense_model(qargs, make_train_set(0), eval_set)
-    results = {"settings": {**Q.settings_of(qargs), "budget": args.budget, "seed": args.seed, "lora": LORA,
-                            "search_settings": Q.search_settings(qargs)},
+    make_train_set, test_set, eval_set = QD.load_data(qargs)
+    dense, dense_info = QD.dense_model(qargs, make_train_set(0), test_set)
+    train_size = min(qargs.train_size, len(make_train_set(0)))
+    results = {"settings": {**QS.settings_of(qargs), "budget": args.budget, "seed": args.seed, "lora": LORA,
+                            "search_overrides": {method: QR.search_overrides(qargs, method, train_size)
+                                                 for method in args.methods.split(",")}},
                "dense": dense_info, "runs": [], "provenance": prov}
     for method in args.methods.split(","):
         for variant in args.variants.split(","):
