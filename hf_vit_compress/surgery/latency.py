@@ -7,7 +7,8 @@ activation, fc2), each with its own widths. `build_latency_table` times this pac
 the residual width D, attention over (D, heads, q/k head dim, v head dim), the MLP over (D, MLP width), at the
 user's batch size, image size, dtype, attention implementation, device and thread count. On a GPU each timing is
 bracketed by CUDA events after a warm-up; on a CPU by `time.perf_counter`; a sample lasts at least `MIN_SAMPLE_MS`
-(several calls of a short part), each cell is sampled once per pass over the grid, and keeps its median.
+(several calls of a short part), each cell is sampled once per pass over the grid, and keeps its median
+(`timing.time_in_passes`).
 
 `LatencyTable.predict_*` interpolate the grid multilinearly (piecewise-linear in each width, linear extrapolation
 past the grid's ends): time is close to linear in a width between the kernel-size steps, so a few points per
@@ -20,27 +21,31 @@ interpolated per-layer latency tables for transformers models.
 
 from __future__ import annotations
 
-import copy
 import functools
 import itertools
 import json
 import math
 import os
-import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..modeling import CompressedViTConfig, CompressedViTForImageClassification
 from ..modeling.modeling_compressed_vit import CompressedViTAttention, CompressedViTMLP
+from .timing import (  # noqa: F401  (measure_speedup, time_call: re-exported, part of this module's API)
+    DTYPES,
+    MIN_SAMPLE_MS,
+    image_pair,
+    measure_speedup,
+    time_call,
+    time_in_passes,
+)
 
 TABLE_VERSION = 1
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -90,13 +95,9 @@ def latency_key(dense_config, batch_size: int, dtype: str = "float32", device: s
 
 
 def _tokens(config) -> int:
-    image, patch = _pair(config.image_size), _pair(config.patch_size)
+    image, patch = image_pair(config.image_size), image_pair(config.patch_size)
     prefix = 2 if getattr(config, "use_distillation_token", False) or config.model_type == "deit" else 1
     return (image[0] // patch[0]) * (image[1] // patch[1]) + prefix
-
-
-def _pair(value) -> tuple[int, int]:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
 
 
 # -- the grid ------------------------------------------------------------------------------------------------------
@@ -342,65 +343,6 @@ def _interpolate_tensor(axes: Sequence[torch.Tensor], values: torch.Tensor, poin
 
 
 # -- measuring -----------------------------------------------------------------------------------------------------
-#: a timed sample runs the function this long at least (several calls when one is shorter): a sub-millisecond call
-#: timed alone is mostly timer and scheduler noise on a CPU
-MIN_SAMPLE_MS = 5.0
-
-
-def time_call(function: Callable[[], Any], device: torch.device, warmup: int = 3, repeats: int = 7,
-              min_sample_ms: float = MIN_SAMPLE_MS) -> float:
-    """Median milliseconds of `function()` after `warmup` calls (CUDA events and synchronisation on a GPU). Each of
-    the `repeats` samples times enough back-to-back calls to last `min_sample_ms` (as `timeit`'s autorange does) and
-    divides by their number."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            function()
-        calls = max(1, math.ceil(min_sample_ms / max(_time_calls(function, device, 1), 1e-6)))
-        samples = [_time_calls(function, device, calls) / calls for _ in range(repeats)]
-    return statistics.median(samples)
-
-
-def _time_calls(function: Callable[[], Any], device: torch.device, calls: int) -> float:
-    """Milliseconds of `calls` back-to-back calls of `function()`."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        for _ in range(calls):
-            function()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end)
-    began = time.perf_counter()
-    for _ in range(calls):
-        function()
-    return (time.perf_counter() - began) * 1e3
-
-
-def measure_speedup(compressed: nn.Module, dense: nn.Module, batch_size: int, dtype: str = "float32",
-                    device: str | torch.device = "cpu", rounds: int = 7, repeats: int = 3, warmup: int = 3) -> dict:
-    """Time `dense` and `compressed` interleaved (one timing of each per round, so drift in the machine's speed hits
-    both alike) on copies moved to `device` / `dtype`, at `batch_size` random images of the dense model's size.
-
-    Returns:
-        `dense_ms` and `compressed_ms` (medians over the rounds of each round's median), `speedup` (median of the
-        rounds' dense / compressed ratios), `rounds`.
-    """
-    device, torch_dtype = torch.device(device), DTYPES[dtype]
-    config = dense.config
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(batch_size, getattr(config, "num_channels", 3), *_pair(config.image_size),
-                         generator=generator).to(device, torch_dtype)
-    models = [copy.deepcopy(model).to(device=device, dtype=torch_dtype).eval() for model in (dense, compressed)]
-    dense_ms, compressed_ms = [], []
-    for _ in range(rounds):
-        for model, samples in zip(models, (dense_ms, compressed_ms)):
-            samples.append(time_call(lambda model=model: model(pixel_values=pixels), device, warmup, repeats))
-    ratios = [d / c for d, c in zip(dense_ms, compressed_ms)]
-    return {"dense_ms": statistics.median(dense_ms), "compressed_ms": statistics.median(compressed_ms),
-            "speedup": statistics.median(ratios), "rounds": rounds}
-
-
 def _part_config(dense_config, hidden: int, layers: list[dict], attn_implementation: str) -> CompressedViTConfig:
     config = CompressedViTConfig(
         hidden_size=hidden, layers=layers, image_size=dense_config.image_size, patch_size=dense_config.patch_size,
@@ -443,23 +385,7 @@ def build_latency_table(dense_config, batch_size: int, dtype: str = "float32", d
     device, torch_dtype = torch.device(device), DTYPES[dtype]
     began = time.perf_counter()
     cells = _table_cells(dense_config, grid, key.tokens, batch_size, attn_implementation, device, torch_dtype)
-    bar = _progress_bar(len(cells) * (repeats + 1), progress)
-    samples: dict[tuple, list[float]] = {}
-    with torch.inference_mode():
-        calls = {}
-        for index, (module, inputs) in cells.items():  # warm-up, and how many calls make one sample long enough
-            for _ in range(warmup):
-                module(inputs)
-            once = _time_calls(lambda: module(inputs), device, 1)
-            calls[index] = max(1, math.ceil(MIN_SAMPLE_MS / max(once, 1e-6)))
-            bar.update(1)
-        for _ in range(repeats):
-            for index, (module, inputs) in cells.items():
-                total = _time_calls(lambda: module(inputs), device, calls[index])
-                samples.setdefault(index, []).append(total / calls[index])
-                bar.update(1)
-    bar.close()
-    median = {index: statistics.median(values) for index, values in samples.items()}
+    median = time_in_passes(cells, device, warmup, repeats, progress, description="latency table")
     hidden_range = range(len(grid.hidden))
     stem = [median[("stem", i)] for i in hidden_range]
     attention = [[[[median[("attention", i, j, k, m)] for m in range(len(grid.v_head_dims))]
@@ -498,7 +424,7 @@ def _table_cells(dense_config, grid: LatencyGrid, tokens: int, batch_size: int, 
     for i, hidden in enumerate(grid.hidden):
         states = torch.randn(batch_size, tokens, hidden, generator=generator).to(device, dtype)
         config = _part_config(dense_config, hidden, [], attn_implementation)
-        pixels = torch.randn(batch_size, config.num_channels, *_pair(config.image_size), generator=generator)
+        pixels = torch.randn(batch_size, config.num_channels, *image_pair(config.image_size), generator=generator)
         cells[("stem", i)] = (ready(CompressedViTForImageClassification(config)), pixels.to(device, dtype))
         for j, heads in enumerate(grid.heads):
             for k, qk in enumerate(grid.qk_head_dims):
@@ -513,7 +439,7 @@ def _table_cells(dense_config, grid: LatencyGrid, tokens: int, batch_size: int, 
         hidden, layers = _corner_model(dense_config, grid, corner)
         config = _part_config(dense_config, hidden, [{**layer, "scaling": scaling} for layer in layers],
                               attn_implementation)
-        pixels = torch.randn(batch_size, config.num_channels, *_pair(config.image_size), generator=generator)
+        pixels = torch.randn(batch_size, config.num_channels, *image_pair(config.image_size), generator=generator)
         cells[("model", corner)] = (ready(CompressedViTForImageClassification(config)), pixels.to(device, dtype))
     return cells
 
@@ -540,12 +466,6 @@ class _MLPPart(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states + self.mlp(self.norm(hidden_states))
-
-
-def _progress_bar(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="latency table", unit="cell", disable=not enabled)
 
 
 __all__ = ["LatencyCost", "LatencyGrid", "LatencyKey", "LatencyTable", "build_latency_table", "latency_key",
