@@ -9,8 +9,10 @@ For every (shape, batch):
 1. A latency table is built on this CPU (`build_latency_table`, `--points` widths per axis, median of `--repeats`
    calls; the seconds it took are recorded) and its prediction error measured on `--heldout` random attention and
    MLP shapes that are not grid points (|predicted - measured| / measured, each timed as the table times), their
-   widths rounded to multiples of 8 as the library's exports are (`channel_multiple`). `--heldout-only` measures
-   only that, and the error at any width beside it (odd widths can run far slower than their neighbours).
+   widths rounded to multiples of 8 as the library's exports are (`channel_multiple`); the error is reported for the
+   shapes inside the grid's span (interpolated) apart from those below its narrowest points (extrapolated).
+   `--heldout-only` measures only that, and the error at any width beside it (odd widths can run far slower than
+   their neighbours).
 2. For each target speed-up (1.5x / 2x / 3x) and method, the method is built with
    `CompressionConfig(target_speedup=x, latency={"table": ...})` and decides from a seeded random search state (no
    training: speed depends on shapes only, as in speed.py; `_common.ofb_architecture` / `uvc_architecture` describe
@@ -53,10 +55,9 @@ from hf_vit_compress.surgery.latency import (  # noqa: E402
     _layer,
     _MLPPart,
     _part_config,
-    _time_calls,
     build_latency_table,
-    time_call,
 )
+from hf_vit_compress.surgery.timing import time_calls, time_in_passes  # noqa: E402
 
 SHAPES = ("deit-tiny", "deit-small")
 TARGETS = (1.5, 2.0, 3.0)
@@ -92,15 +93,42 @@ def _aligned(layer: dict, hidden: int, multiple: int, scaling: float) -> tuple[i
                                    rounded(layer["intermediate_size"]), scaling)
 
 
+def inside_grid(grid, hidden: int, layer: dict, kind: str) -> bool:
+    """Whether a shape's widths lie within the grid's span on every axis its part uses (interpolated, not
+    extrapolated past the grid's narrowest or widest point)."""
+    axes = [(grid.hidden, hidden)]
+    if kind == "attention":
+        axes += [(grid.heads, layer["num_heads"]), (grid.qk_head_dims, layer["qk_head_dim"]),
+                 (grid.v_head_dims, layer["v_head_dim"])]
+    else:
+        axes += [(grid.mlp, layer["intermediate_size"])]
+    return all(axis[0] <= width <= axis[-1] for axis, width in axes)
+
+
+def error_summary(rows: list[dict]) -> dict:
+    """Median / max relative error of `rows`, all of them and per part."""
+    if not rows:
+        return {"count": 0}
+    every = relative_errors([(row["predicted_ms"], row["measured_ms"]) for row in rows])
+    summary = {"count": len(rows), "median_error": C.median(every), "max_error": max(every)}
+    for kind in ("attention", "mlp"):
+        errors = relative_errors([(row["predicted_ms"], row["measured_ms"]) for row in rows if row["kind"] == kind])
+        if errors:
+            summary[f"{kind}_median_error"] = C.median(errors)
+    return summary
+
+
 def heldout_errors(config, table, batch: int, count: int, rng: random.Random, args, multiple: int = 1) -> dict:
     """The table's relative error on `count` random attention and MLP shapes off its grid, their widths rounded to
-    a multiple of `multiple` (1: any width)."""
+    a multiple of `multiple` (1: any width). The widths are drawn over the whole prunable range, so some fall below
+    the grid's narrowest points; the summary splits the shapes inside the grid's span (interpolated: the held-out
+    points of the grid) from the rest (extrapolated), and `shapes` lists every one."""
     scaling = (config.hidden_size // config.num_attention_heads) ** -0.5
     generator = torch.Generator().manual_seed(rng.randint(0, 2**31))
     device, dtype, repeats, warmup = torch.device(args.device), DTYPES[args.dtype], args.repeats, args.warmup
     grid = table.grid
-    attention, mlp = [], []
-    while len(mlp) < count:
+    rows, cells = [], {}
+    while len(rows) < 2 * count:
         hidden = rng.randint(config.hidden_size // 4, config.hidden_size)
         layer = random_layer(config, rng, scaling)
         if multiple > 1:
@@ -110,17 +138,18 @@ def heldout_errors(config, table, batch: int, count: int, rng: random.Random, ar
             continue
         part = _part_config(config, hidden, [], "sdpa")
         tokens = torch.randn(batch, table.key.tokens, hidden, generator=generator).to(device, dtype)
-        attention_part = _AttentionPart(part, layer).to(device, dtype).eval()
-        mlp_part = _MLPPart(part, layer).to(device, dtype).eval()
-        attention.append((table.predict_attention(hidden, layer["num_heads"], layer["qk_head_dim"],
-                                                  layer["v_head_dim"]),
-                          time_call(lambda: attention_part(tokens), device, warmup, repeats)))
-        mlp.append((table.predict_mlp(hidden, layer["intermediate_size"]),
-                    time_call(lambda: mlp_part(tokens), device, warmup, repeats)))
-    errors = {kind: relative_errors(pairs) for kind, pairs in (("attention", attention), ("mlp", mlp))}
-    every = errors["attention"] + errors["mlp"]
-    return {"median_error": C.median(every), "max_error": max(every),
-            **{f"{kind}_median_error": C.median(values) for kind, values in errors.items()}}
+        parts = {"attention": (_AttentionPart(part, layer), table.predict_attention(
+                     hidden, layer["num_heads"], layer["qk_head_dim"], layer["v_head_dim"])),
+                 "mlp": (_MLPPart(part, layer), table.predict_mlp(hidden, layer["intermediate_size"]))}
+        for kind, (module, predicted) in parts.items():
+            cells[len(rows)] = (module.to(device, dtype).eval(), tokens)
+            rows.append({"kind": kind, "hidden": hidden, **{key: layer[key] for key in (
+                             "num_heads", "qk_head_dim", "v_head_dim", "intermediate_size")},
+                         "inside_grid": inside_grid(grid, hidden, layer, kind), "predicted_ms": predicted})
+    for index, measured in time_in_passes(cells, device, warmup, repeats).items():  # as the table times its cells
+        rows[index]["measured_ms"] = measured
+    return {**error_summary(rows), "inside_grid": error_summary([row for row in rows if row["inside_grid"]]),
+            "outside_grid": error_summary([row for row in rows if not row["inside_grid"]]), "shapes": rows}
 
 
 def time_round_robin(models: dict, batch: int, rounds: int, warmup: int, seed: int,
@@ -139,7 +168,7 @@ def time_round_robin(models: dict, batch: int, rounds: int, warmup: int, seed: i
         for index in range(rounds):
             order = names[index % len(names):] + names[:index % len(names)]
             for name in order:
-                times[name].append(_time_calls(lambda name=name: models[name](pixel_values=pixels), device, 1))
+                times[name].append(time_calls(lambda name=name: models[name](pixel_values=pixels), device, 1))
     return times
 
 
@@ -217,18 +246,28 @@ def measure_cell(shape: str, batch: int, args, rng: random.Random, folder: Path)
             "models": facts}
 
 
+def _percent(summary: dict, key: str = "median_error") -> str:
+    return f"{100 * summary[key]:.1f}% ({summary['count']})" if summary.get("count") else "-"
+
+
 def heldout_markdown(results: dict) -> str:
     header = C.markdown_header("Latency tables: prediction error on held-out shapes", results["provenance"],
                                [f"settings: {results['settings']}"])
     rows = []
     for cell in results["cells"]:
-        ours, anywidth = cell["heldout"], cell["heldout_any_width"]
-        rows.append([cell["shape"], cell["batch"], cell["build_seconds"],
-                     f"{100 * ours['median_error']:.1f}%", f"{100 * ours['max_error']:.1f}%",
-                     f"{100 * anywidth['median_error']:.1f}%", f"{100 * anywidth['max_error']:.1f}%"])
+        aligned, any_width = cell["heldout"], cell["heldout_any_width"]
+        rows.append([cell["shape"], cell["batch"], cell["build_seconds"], _percent(aligned["inside_grid"]),
+                     _percent(aligned["inside_grid"], "max_error"), _percent(any_width["inside_grid"]),
+                     _percent(aligned["outside_grid"]), _percent(any_width["outside_grid"])])
     return header + "\n" + C.md_table(
-        ["shape", "batch", "build s", f"median error, widths multiples of {HELDOUT_MULTIPLE} (exports)",
-         "max error, same", "median error, any width", "max error, any width"], rows) + "\n"
+        ["shape", "batch", "build s", f"inside the grid, widths multiples of {HELDOUT_MULTIPLE} (exports): median "
+         "error (shapes)", "max error, same", "inside the grid, any width: median", f"below the grid's narrowest "
+         f"points, multiples of {HELDOUT_MULTIPLE}: median", "below the grid, any width: median"], rows) + (
+        "\n\nError = |predicted - measured| / measured per attention or MLP part; the held-out parts are timed as "
+        "the table times its cells (warm-up, then one sample per pass over all of them, median of `--repeats` "
+        "passes). Inside the grid: every width within the span of the table's "
+        "axes (interpolated; the held-out points of the grid). Below the grid: a width under the axis' narrowest "
+        "point (extrapolated linearly); the JSON lists every shape.\n")
 
 
 def markdown(results: dict) -> str:
@@ -239,8 +278,9 @@ def markdown(results: dict) -> str:
     rows, tables = [], []
     for cell in results["cells"]:
         heldout = cell["heldout"]
-        tables.append([cell["shape"], cell["batch"], cell["build_seconds"], f"{100 * heldout['median_error']:.1f}%",
-                       f"{100 * heldout['max_error']:.1f}%", f"{cell['dense_measured_ms']:.2f}"])
+        inside = heldout.get("inside_grid", heldout)  # runs before the inside / outside split: every shape
+        tables.append([cell["shape"], cell["batch"], cell["build_seconds"], f"{100 * inside['median_error']:.1f}%",
+                       f"{100 * inside['max_error']:.1f}%", f"{cell['dense_measured_ms']:.2f}"])
         for name, fact in cell["models"].items():
             if fact.get("kind") == "macs":
                 continue
@@ -264,8 +304,8 @@ def markdown(results: dict) -> str:
         ["shape", "batch", "method", "target", "predicted", "measured (median)", "measured / target",
          "MACs / dense", "MACs budget at the same measured speed", "MACs kept vs that budget"], rows)
         + "\n\n## Latency tables\n\n" + C.md_table(
-            ["shape", "batch", "build s", f"held-out median error (widths multiples of {HELDOUT_MULTIPLE})",
-             "held-out max error", "dense ms (measured)"],
+            ["shape", "batch", "build s", f"held-out median error inside the grid (widths multiples of "
+             f"{HELDOUT_MULTIPLE})", "held-out max error, same", "dense ms (measured)"],
             tables)
         + "\n\n## MACs-budgeted models (the sweep)\n\n" + C.md_table(
             ["shape", "batch", "method", "target_flops", "MACs / dense", "measured speed-up"], sweep_rows) + "\n")
