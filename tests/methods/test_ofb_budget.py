@@ -100,6 +100,43 @@ def test_a_new_search_starts_with_the_expected_macs_at_the_target(target):
         assert bool((lean < 0).all()) == (float(method.budget_dual) > 0)
 
 
+@pytest.mark.parametrize("target", [0.25, 0.4, 0.7])
+def test_the_cost_direction_starts_at_the_target_and_charges_the_embedding_its_price(target):
+    width = OFBMethod(make_vit_classifier(), CompressionConfig(method="ofb", target_flops=target))
+    cost = OFBMethod(make_vit_classifier(), CompressionConfig(method="ofb", target_flops=target,
+                                                              ofb={"budget_direction": "cost"}))
+    assert float(cost.expected_macs().detach()) / cost.dense_macs == pytest.approx(target, abs=1e-3)
+    # the projection tilted every candidate's logit by its marginal price at the uniform start (one direction for
+    # all the initial Newton steps): alpha / price is one number across every module and candidate
+    tilted = {name: group.alpha.detach().clone() for name, group in cost.groups().items()}
+    with torch.no_grad():
+        for group in cost.groups().values():
+            group.alpha.zero_()
+    prices = dict(zip(cost.groups(), cost._relative_widths()))
+    leans = torch.cat([(tilted[name] / prices[name]).flatten() for name in tilted])
+    assert torch.allclose(leans, leans[0].expand_as(leans), rtol=1e-3)
+    # the embedding's price spans every block: its logits spread over a wider range than the width rule gives it
+    spread = {name: float(t.max() - t.min()) for name, t in tilted.items()}
+    width_spread = float(width.embed.alpha.max() - width.embed.alpha.min())
+    assert spread["embed"] > width_spread
+
+
+@pytest.mark.parametrize("drift", [0.3, -0.3])
+def test_the_cost_direction_brings_the_expected_macs_back_after_a_drift(drift):
+    method = OFBMethod(make_vit_classifier(), CompressionConfig(method="ofb", target_flops=0.5,
+                                                                ofb={"budget_direction": "cost"}))
+    with torch.no_grad():
+        for group in method.groups().values():
+            group.alpha.add_(drift * torch.linspace(0, 2, group.alpha.shape[-1]))
+    method.hold_budget(newton_steps=6)
+    assert float(method.expected_macs().detach()) / method.dense_macs == pytest.approx(0.5, abs=2e-3)
+
+
+def test_an_unknown_budget_direction_is_refused_naming_the_field():
+    with pytest.raises(ValueError, match="ofb.budget_direction"):
+        CompressionConfig(method="ofb", target_flops=0.5, ofb={"budget_direction": "flops"})
+
+
 @pytest.mark.parametrize("drift", [0.05, -0.05, 1.0, -1.0])
 def test_the_projection_brings_the_expected_macs_back_to_the_target_from_either_side(drift):
     """An optimizer step moves alpha by about its learning rate (the small drifts): the one Newton step run after

@@ -73,3 +73,18 @@ def test_weights_init_is_the_default_and_random_init_ignores_the_weights():
 def test_an_unknown_score_init_is_refused_naming_the_field():
     with pytest.raises(ValueError, match="ofb.score_init"):
         CompressionConfig(method="ofb", target_flops=0.5, ofb={"score_init": "taylor"})
+
+
+@pytest.mark.parametrize("score_init", ["weights", "random"])
+def test_score_init_mean_moves_every_logit_and_keeps_the_order(score_init):
+    def build(**ofb):
+        model, _, _ = _weighted_model()
+        torch.manual_seed(0)  # the random init's draw
+        config = CompressionConfig(method="ofb", target_flops=0.5, ofb={"score_init": score_init, **ofb})
+        return OFBMethod(model, config)
+
+    base, shifted = build(), build(score_init_mean=2.0)
+    for name in ("attention", "mlp", "embed"):
+        before, after = getattr(base, name).score_logits, getattr(shifted, name).score_logits
+        assert torch.allclose(after - before, torch.full_like(before, 2.0), atol=1e-6)
+    assert shifted.mlp.importance().min() > 0.8  # S = sigmoid(2 - 0.4) at the lowest rank

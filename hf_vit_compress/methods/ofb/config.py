@@ -8,6 +8,8 @@ from ...validation import Validated, check, check_ratios, check_types
 
 #: how OFB holds its budget (OFBConfig.budget_control)
 BUDGET_CONTROLS = ("dual", "paper")
+#: the direction in which the dual budget control moves the architecture logits (OFBConfig.budget_direction)
+BUDGET_DIRECTIONS = ("width", "cost")
 #: how OFB starts its importance logits (OFBConfig.score_init)
 SCORE_INITS = ("random", "weights")
 
@@ -41,6 +43,10 @@ class OFBConfig(Validated):
             the budget is shared but never move it, and no FLOPs loss is used; candidates are eliminated only after
             warm-up, in `elimination_rounds` rounds spread over the rest of the search. `"paper"`: the paper's
             fixed-weight FLOPs loss and `eliminations_per_epoch` rounds from the first step.
+        budget_direction: `budget_control="dual"`: how the projection shifts each module's logits. `"width"`
+            (default): by t * width / widest width, alike for every module. `"cost"`: by t * each candidate's
+            marginal price at the current probabilities (the least change of the distribution that meets the
+            budget), so the embedding width, which every block's price depends on, pays in proportion.
         flops_loss_weight: weight of the FLOPs loss ((E[MACs] - target) / dense)^2 (the paper's 5; `"paper"` only).
         norm_coefficient_attention, norm_coefficient_other: c of the norm term c * sum(S) (attention; MLP+embed).
         sigma_eps: clamp of sigma into (eps, 1 - eps) that keeps cot(pi * sigma) finite.
@@ -62,6 +68,9 @@ class OFBConfig(Validated):
             dense weights, evenly spaced over the random init's range (+-2 std), so a search from a trained model
             refines an informed order instead of a random one (a short search barely reorders s).
             `"random"`: the paper's truncated-normal draw above.
+        score_init_mean: centre of the importance logits at the start (either init): 0 (the paper) starts every
+            unit's S near 0.5, so the search begins from a model whose masked outputs are about half the dense
+            ones; a positive centre (S = sigmoid(centre)) starts it closer to the dense model's function.
     """
 
     prune_heads: bool = False
@@ -80,6 +89,7 @@ class OFBConfig(Validated):
     pmim_window: int = 47
     module_loss_weight: float = 0.5
     budget_control: str = "dual"
+    budget_direction: str = "width"
     flops_loss_weight: float = 5.0
     norm_coefficient_attention: float = 4e-4
     norm_coefficient_other: float = 1e-4
@@ -95,6 +105,7 @@ class OFBConfig(Validated):
     eliminations_per_epoch: float = 3.0
     score_init_std: float = 0.2
     score_init: str = "weights"
+    score_init_mean: float = 0.0
 
     def validate(self) -> None:
         check_types(self, "ofb.")
@@ -117,6 +128,8 @@ class OFBConfig(Validated):
                      "norm_coefficient_other", "arch_weight_decay", "score_init_std"):
             check(getattr(self, name) >= 0, f"ofb.{name}", getattr(self, name), ">= 0")
         check(self.score_init in SCORE_INITS, "ofb.score_init", self.score_init, " or ".join(map(repr, SCORE_INITS)))
+        check(self.budget_direction in BUDGET_DIRECTIONS, "ofb.budget_direction", self.budget_direction,
+              " or ".join(map(repr, BUDGET_DIRECTIONS)))
         check(self.budget_control in BUDGET_CONTROLS, "ofb.budget_control", self.budget_control,
                " or ".join(map(repr, BUDGET_CONTROLS)))
         for name in ("arch_travel", "decoder_lr", "eliminations_per_epoch"):

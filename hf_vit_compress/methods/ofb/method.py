@@ -77,6 +77,10 @@ class OFBMethod(CompressionMethod):
         if settings.score_init == "weights":  # after the random draw, so the rest of the run sees the same RNG stream
             initialise_from_weights(self.attention, self.mlp, self.embed, self.parts, geo.num_heads,
                                     settings.score_init_std)
+        if settings.score_init_mean:
+            with torch.no_grad():
+                for group in (self.attention, self.mlp, self.embed):
+                    group.score_logits.add_(settings.score_init_mean)
         # host copy of the narrowest embedding candidate: the masks keep at least this many channels (mean fill)
         self._min_embed_width = min(embed_choices(geo.hidden_size, settings))
         self._build_cost_tables()
@@ -167,9 +171,19 @@ class OFBMethod(CompressionMethod):
 
     # -- budget (budget_control="dual") -------------------------------------------------------------------------
     def _relative_widths(self) -> list[torch.Tensor]:
-        """Every group's candidate widths / its widest candidate: the direction the budget projection moves the
-        logits in (the same slope for every module, so no kind of module is singled out by its MACs price)."""
-        return [group.widths.float() / group.widths.max() for group in self.groups().values()]
+        """The direction the budget projection moves each group's logits in (`ofb.budget_direction`). "width": every
+        group's candidate widths / its widest candidate (the same slope for every module, so no kind of module is
+        singled out by its price). "cost": each candidate's marginal price at the current probabilities (what
+        choosing it adds to E[cost]), in units of the dense model's mean price per module: the exponential tilt
+        p_k exp(-t c_k) that moves the distribution least (in KL) for the budget, so a wide embedding, which prices
+        every block, pays for what it costs."""
+        if self.settings.budget_direction == "width":
+            return [group.widths.float() / group.widths.max() for group in self.groups().values()]
+        attention, mlp, embed = (group.probabilities().detach().float() for group in self.groups().values())
+        unit = self.dense_cost / (len(self.attention) + len(self.mlp) + 1)
+        embed_price = (self._stem_cost_table + self._attention_cost_table @ attention.sum(0)
+                       + self._mlp_cost_table @ mlp.sum(0))
+        return [embed @ self._attention_cost_table / unit, embed @ self._mlp_cost_table / unit, embed_price / unit]
 
     def _expected_cost_at(self, shift: torch.Tensor, relative_widths: list[torch.Tensor]) -> torch.Tensor:
         """E[cost] if every module's logits were alpha - shift * relative width (a function of `shift` alone)."""
