@@ -55,7 +55,8 @@ class OFBConfig(Validated):
             step, so that is how far a logit can travel in the whole search, whatever its length), the paper's
             1e-3 under `"paper"`.
         arch_travel: the rule's logit travel over the search (used when `arch_lr` is None and the budget control
-            is `"dual"`).
+            is `"dual"`). 1.0 (was 3.0): a shorter travel keeps the modules nearer the budget's even start, which
+            scored higher from a converged model (docs/methods.md).
         score_lr: learning rate of the importance logits (None = the weights' learning rate); weight decay 0.
         decoder_lr: learning rate of the PMIM decoder and mask token.
         elimination_threshold: a candidate with p <= threshold / K_active is switched off.
@@ -95,7 +96,7 @@ class OFBConfig(Validated):
     norm_coefficient_other: float = 1e-4
     sigma_eps: float = 1e-3
     arch_lr: float | None = None
-    arch_travel: float = 3.0
+    arch_travel: float = 1.0
     arch_betas: tuple[float, float] = (0.5, 0.999)
     arch_weight_decay: float = 1e-3
     score_lr: float | None = None
