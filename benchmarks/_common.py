@@ -149,6 +149,23 @@ def md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out) + "\n"
 
 
+#: CIFAR-10's per-channel mean and std (the training images), for quality.py and train_dense.py
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+def cifar_parquet(data_dir: str | Path):
+    """The CIFAR-10 parquet shards in `data_dir` (train-*.parquet, test-*.parquet) as a `datasets.DatasetDict`."""
+    from datasets import load_dataset
+
+    data_dir = Path(data_dir)
+    files = {"train": sorted(map(str, data_dir.glob("train-*.parquet"))),
+             "test": sorted(map(str, data_dir.glob("test-*.parquet")))}
+    if not files["train"] or not files["test"]:
+        raise SystemExit(f"--data-dir {data_dir}: no train-*.parquet / test-*.parquet shards found")
+    return load_dataset("parquet", data_files=files)
+
+
 def median(values):
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return statistics.median(values) if values else None

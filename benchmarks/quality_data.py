@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from quality_setup import CIFAR_MEAN, CIFAR_STD, MODES, settings_of  # noqa: E402
+from quality_setup import MODES, settings_of  # noqa: E402
 
 
 def load_data(args):
@@ -23,16 +23,9 @@ def load_data(args):
     augmentation stream of their own, so a run's numbers do not depend on which runs came before it in the same
     process. The evaluation set is the test set, or with `--eval-on validation` the `validation_size` training
     images that follow the training subsample in the same seeded shuffle (disjoint from it, fixed)."""
-    from datasets import load_dataset
-
     from hf_vit_compress.data import prepare_dataset, transforms_from_image_processor
 
-    data_dir = Path(args.data_dir)
-    files = {"train": sorted(map(str, data_dir.glob("train-*.parquet"))),
-             "test": sorted(map(str, data_dir.glob("test-*.parquet")))}
-    if not files["train"] or not files["test"]:
-        raise SystemExit(f"--data-dir {data_dir}: no train-*.parquet / test-*.parquet shards found")
-    raw = load_dataset("parquet", data_files=files)
+    raw = C.cifar_parquet(args.data_dir)
     shuffled = raw["train"].shuffle(seed=0)
     train = shuffled.select(range(min(args.train_size, len(shuffled))))
     test = raw["test"].shuffle(seed=0).select(range(min(args.eval_size, len(raw["test"]))))
@@ -46,7 +39,7 @@ def load_data(args):
         validation = shuffled.select(range(args.train_size, end))
 
     def transforms(seed: int):
-        return transforms_from_image_processor(None, 32, mean=CIFAR_MEAN, std=CIFAR_STD, crop_pct=1.0,
+        return transforms_from_image_processor(None, 32, mean=C.CIFAR_MEAN, std=C.CIFAR_STD, crop_pct=1.0,
                                                scale=(0.6, 1.0), hflip_prob=0.5, seed=seed)
 
     def make_train_set(seed: int):

@@ -16,8 +16,6 @@ import _common as C  # noqa: E402
 import quality_report as R  # noqa: E402
 
 METHODS = R.METHODS
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 _CPU = dict(model=dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=3, intermediate_size=384),
             patch_size=4, train_size=20000, eval_size=2000, validation_size=2000, batch_size=64, dense_steps=5000,

@@ -39,8 +39,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
 MEDIUM_SHAPE = dict(hidden_size=96, num_hidden_layers=4, num_attention_heads=3, intermediate_size=384)
 DEFAULT_OUTPUT = C.REPO / "benchmarks" / "dense" / "cifar10_medium"
 
@@ -80,22 +78,15 @@ def decode(dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def load_splits(args):
-    from datasets import load_dataset
-
-    data_dir = Path(args.data_dir)
-    files = {"train": sorted(map(str, data_dir.glob("train-*.parquet"))),
-             "test": sorted(map(str, data_dir.glob("test-*.parquet")))}
-    if not files["train"] or not files["test"]:
-        raise SystemExit(f"--data-dir {data_dir}: no train-*.parquet / test-*.parquet shards found")
-    raw = load_dataset("parquet", data_files=files)
+    raw = C.cifar_parquet(args.data_dir)
     train = raw["train"].shuffle(seed=0).select(range(min(args.limit_train or args.train_size, args.train_size)))
     test = raw["test"] if args.limit_test is None else raw["test"].select(range(args.limit_test))
     return decode(train), decode(test)
 
 
 def normalise(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(C.CIFAR_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(C.CIFAR_STD).view(1, 3, 1, 1)
     return (images.float() / 255 - mean) / std
 
 
