@@ -112,7 +112,7 @@ def test_the_cost_direction_starts_at_the_target_and_charges_the_embedding_its_p
     with torch.no_grad():
         for group in cost.groups().values():
             group.alpha.zero_()
-    prices = dict(zip(cost.groups(), cost._relative_widths()))
+    prices = dict(zip(cost.groups(), cost._budget_directions()))
     leans = torch.cat([(tilted[name] / prices[name]).flatten() for name in tilted])
     assert torch.allclose(leans, leans[0].expand_as(leans), rtol=1e-3)
     # the embedding's price spans every block: its logits spread over a wider range than the width rule gives it

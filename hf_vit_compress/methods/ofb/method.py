@@ -131,11 +131,15 @@ class OFBMethod(CompressionMethod):
             self.register_buffer(f"_{name}_cost_table", torch.tensor(values, dtype=torch.float64).float(),
                                  persistent=False)
 
+    def _cost_per_embed(self, attention: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+        """(K_embed,): E[cost] given each embedding candidate, from the blocks' probabilities: attention
+        (L, K_attention), mlp (L, K_mlp)."""
+        return (self._stem_cost_table + self._attention_cost_table @ attention.sum(0)
+                + self._mlp_cost_table @ mlp.sum(0))
+
     def _expected_cost(self, attention: torch.Tensor, mlp: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
         """E[cost] from the candidates' probabilities: attention (L, K_attention), mlp (L, K_mlp), embed (K_embed)."""
-        per_embed = (self._stem_cost_table + self._attention_cost_table @ attention.sum(0)
-                     + self._mlp_cost_table @ mlp.sum(0))
-        return embed @ per_embed
+        return embed @ self._cost_per_embed(attention, mlp)
 
     def _choice_cost(self, choices: dict[str, int]) -> float:
         """The price of one candidate per module (`choices`: candidate index by module name), from the host tables."""
@@ -170,7 +174,7 @@ class OFBMethod(CompressionMethod):
             self.pmim.remove_hooks()
 
     # -- budget (budget_control="dual") -------------------------------------------------------------------------
-    def _relative_widths(self) -> list[torch.Tensor]:
+    def _budget_directions(self) -> list[torch.Tensor]:
         """The direction the budget projection moves each group's logits in (`ofb.budget_direction`). "width": every
         group's candidate widths / its widest candidate (the same slope for every module, so no kind of module is
         singled out by its price). "cost": each candidate's marginal price at the current probabilities (what
@@ -181,36 +185,35 @@ class OFBMethod(CompressionMethod):
             return [group.widths.float() / group.widths.max() for group in self.groups().values()]
         attention, mlp, embed = (group.probabilities().detach().float() for group in self.groups().values())
         unit = self.dense_cost / (len(self.attention) + len(self.mlp) + 1)
-        embed_price = (self._stem_cost_table + self._attention_cost_table @ attention.sum(0)
-                       + self._mlp_cost_table @ mlp.sum(0))
-        return [embed @ self._attention_cost_table / unit, embed @ self._mlp_cost_table / unit, embed_price / unit]
+        return [embed @ self._attention_cost_table / unit, embed @ self._mlp_cost_table / unit,
+                self._cost_per_embed(attention, mlp) / unit]
 
-    def _expected_cost_at(self, shift: torch.Tensor, relative_widths: list[torch.Tensor]) -> torch.Tensor:
-        """E[cost] if every module's logits were alpha - shift * relative width (a function of `shift` alone)."""
+    def _expected_cost_at(self, shift: torch.Tensor, directions: list[torch.Tensor]) -> torch.Tensor:
+        """E[cost] if every module's logits were alpha - shift * its direction (a function of `shift` alone)."""
         probabilities = []
-        for group, relative in zip(self.groups().values(), relative_widths):
-            logits = (group.alpha.detach().float() - shift * relative).masked_fill(~group.active, float("-inf"))
+        for group, direction in zip(self.groups().values(), directions):
+            logits = (group.alpha.detach().float() - shift * direction).masked_fill(~group.active, float("-inf"))
             probabilities.append(logits.softmax(-1))
         return self._expected_cost(*probabilities)
 
     @torch.no_grad()
     def hold_budget(self, newton_steps: int = 1) -> None:
-        """Project the architecture logits onto E[cost] = target (MACs, or predicted ms): alpha <- alpha - t * relative
-        width, with t from Newton steps on E(t) (monotone in t), its slope by a forward difference (two evaluations,
-        no backward). All on the device, no host read. Run after every optimizer step, where alpha moved by about its
-        learning rate, one step from t = 0 is enough; the other loss terms decide how the budget is shared but never
-        move it."""
+        """Project the architecture logits onto E[cost] = target (MACs, or predicted ms): alpha <- alpha - t * direction
+        (`_budget_directions`: relative width, or marginal price), with t from Newton steps on E(t) (monotone in t),
+        its slope by a forward difference (two evaluations, no backward). All on the device, no host read. Run after
+        every optimizer step, where alpha moved by about its learning rate, one step from t = 0 is enough; the other
+        loss terms decide how the budget is shared but never move it."""
         shift = torch.zeros((), device=self.embed.alpha.device)
         target = float(self.target_cost)  # a Python number: no host-to-device copy per step
-        relative_widths = self._relative_widths()  # once per projection: both evaluations and the update use it
+        directions = self._budget_directions()  # once per projection: both evaluations and the update use it
         for _ in range(newton_steps):
-            expected = self._expected_cost_at(shift, relative_widths)
-            slope = (self._expected_cost_at(shift + SLOPE_DELTA, relative_widths) - expected) / SLOPE_DELTA
+            expected = self._expected_cost_at(shift, directions)
+            slope = (self._expected_cost_at(shift + SLOPE_DELTA, directions) - expected) / SLOPE_DELTA
             # every module final: nothing left to move (slope 0)
             step = torch.where(slope < -1e-6 * target, (expected - target) / slope.clamp(max=-1e-12), 0.0)
             shift = shift - step.clamp(-MAX_SHIFT_STEP, MAX_SHIFT_STEP)
-        for group, relative in zip(self.groups().values(), relative_widths):
-            group.alpha.sub_((shift * relative).to(group.alpha.dtype))
+        for group, direction in zip(self.groups().values(), directions):
+            group.alpha.sub_((shift * direction).to(group.alpha.dtype))
         self.budget_dual.add_(shift)
 
     def after_optimizer_step(self, learning_rate: float) -> None:
