@@ -111,10 +111,14 @@ def error_summary(rows: list[dict]) -> dict:
         return {"count": 0}
     every = relative_errors([(row["predicted_ms"], row["measured_ms"]) for row in rows])
     summary = {"count": len(rows), "median_error": C.median(every), "max_error": max(every)}
-    for kind in ("attention", "mlp"):
-        errors = relative_errors([(row["predicted_ms"], row["measured_ms"]) for row in rows if row["kind"] == kind])
+    groups = {"attention": lambda row: row["kind"] == "attention", "mlp": lambda row: row["kind"] == "mlp",
+              # equal head dims run sdpa's fused kernel and are priced by the table's fused cells
+              "attention_equal": lambda row: row["kind"] == "attention" and row["qk_head_dim"] == row["v_head_dim"],
+              "attention_unequal": lambda row: row["kind"] == "attention" and row["qk_head_dim"] != row["v_head_dim"]}
+    for name, member in groups.items():
+        errors = relative_errors([(row["predicted_ms"], row["measured_ms"]) for row in rows if member(row)])
         if errors:
-            summary[f"{kind}_median_error"] = C.median(errors)
+            summary[f"{name}_median_error"] = C.median(errors)
     return summary
 
 
@@ -131,6 +135,8 @@ def heldout_errors(config, table, batch: int, count: int, rng: random.Random, ar
     while len(rows) < 2 * count:
         hidden = rng.randint(config.hidden_size // 4, config.hidden_size)
         layer = random_layer(config, rng, scaling)
+        if len(rows) % 4 == 2:  # every other shape with equal head dims, as OFB and UVC (shared dims) export them
+            layer["v_head_dim"] = layer["qk_head_dim"]
         if multiple > 1:
             hidden, layer = _aligned(layer, hidden, multiple, scaling)
         on_grid = (hidden in grid.hidden and layer["intermediate_size"] in grid.mlp)
@@ -250,6 +256,15 @@ def _percent(summary: dict, key: str = "median_error") -> str:
     return f"{100 * summary[key]:.1f}% ({summary['count']})" if summary.get("count") else "-"
 
 
+def _by_part(summary: dict) -> list[str]:
+    """Median errors of the attention parts with equal / unequal head dims and of the MLP parts."""
+    return [f"{100 * summary[key]:.1f}%" if key in summary else "-"
+            for key in ("attention_equal_median_error", "attention_unequal_median_error", "mlp_median_error")]
+
+
+PART_COLUMNS = ["attention, equal head dims", "attention, unequal", "MLP"]
+
+
 def heldout_markdown(results: dict) -> str:
     header = C.markdown_header("Latency tables: prediction error on held-out shapes", results["provenance"],
                                [f"settings: {results['settings']}"])
@@ -257,11 +272,13 @@ def heldout_markdown(results: dict) -> str:
     for cell in results["cells"]:
         aligned, any_width = cell["heldout"], cell["heldout_any_width"]
         rows.append([cell["shape"], cell["batch"], cell["build_seconds"], _percent(aligned["inside_grid"]),
-                     _percent(aligned["inside_grid"], "max_error"), _percent(any_width["inside_grid"]),
-                     _percent(aligned["outside_grid"]), _percent(any_width["outside_grid"])])
+                     _percent(aligned["inside_grid"], "max_error"), *_by_part(aligned["inside_grid"]),
+                     _percent(any_width["inside_grid"]), _percent(aligned["outside_grid"]),
+                     _percent(any_width["outside_grid"])])
     return header + "\n" + C.md_table(
         ["shape", "batch", "build s", f"inside the grid, widths multiples of {HELDOUT_MULTIPLE} (exports): median "
-         "error (shapes)", "max error, same", "inside the grid, any width: median", f"below the grid's narrowest "
+         "error (shapes)", "max error, same", *(f"same: {column}" for column in PART_COLUMNS),
+         "inside the grid, any width: median", f"below the grid's narrowest "
          f"points, multiples of {HELDOUT_MULTIPLE}: median", "below the grid, any width: median"], rows) + (
         "\n\nError = |predicted - measured| / measured per attention or MLP part; the held-out parts are timed as "
         "the table times its cells (warm-up, then one sample per pass over all of them, median of `--repeats` "
@@ -280,7 +297,7 @@ def markdown(results: dict) -> str:
         heldout = cell["heldout"]
         inside = heldout.get("inside_grid", heldout)  # runs before the inside / outside split: every shape
         tables.append([cell["shape"], cell["batch"], cell["build_seconds"], f"{100 * inside['median_error']:.1f}%",
-                       f"{100 * inside['max_error']:.1f}%", f"{cell['dense_measured_ms']:.2f}"])
+                       f"{100 * inside['max_error']:.1f}%", *_by_part(inside), f"{cell['dense_measured_ms']:.2f}"])
         for name, fact in cell["models"].items():
             if fact.get("kind") == "macs":
                 continue
@@ -305,7 +322,7 @@ def markdown(results: dict) -> str:
          "MACs / dense", "MACs budget at the same measured speed", "MACs kept vs that budget"], rows)
         + "\n\n## Latency tables\n\n" + C.md_table(
             ["shape", "batch", "build s", f"held-out median error inside the grid (widths multiples of "
-             f"{HELDOUT_MULTIPLE})", "held-out max error, same", "dense ms (measured)"],
+             f"{HELDOUT_MULTIPLE})", "held-out max error, same", *PART_COLUMNS, "dense ms (measured)"],
             tables)
         + "\n\n## MACs-budgeted models (the sweep)\n\n" + C.md_table(
             ["shape", "batch", "method", "target_flops", "MACs / dense", "measured speed-up"], sweep_rows) + "\n")

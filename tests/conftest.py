@@ -351,15 +351,24 @@ def gated(model, config: CompressionConfig) -> UVCMethod:
     return method
 
 
-def synthetic_latency_table(dense_config, batch_size: int = 1, per_head_ms: float = 0.01):
+def synthetic_latency_table(dense_config, batch_size: int = 1, per_head_ms: float = 0.01,
+                            fused_speedup: float = 1.0):
     """A latency table with made-up, deterministic timings for `dense_config` (what a speed budget's tests price
     with, instead of noisy measurements): a fixed cost per head and per sub-block on top of a part proportional to
-    the MACs, so it ranks widths differently from MACs, as a device does."""
+    the MACs, so it ranks widths differently from MACs, as a device does. Equal head dims run `fused_speedup` times
+    faster (1: no fused kernel, so nothing is ever padded)."""
     from hf_vit_compress.surgery.latency import LatencyGrid, LatencyTable, latency_key
 
     grid = LatencyGrid.for_model(dense_config, 3)
     stem = [0.02 + 1e-3 * hidden for hidden in grid.hidden]
-    attention = [[[[0.01 + per_head_ms * heads + 2e-5 * hidden * heads * (qk + v) for v in grid.v_head_dims]
-                   for qk in grid.qk_head_dims] for heads in grid.heads] for hidden in grid.hidden]
+
+    def attention_ms(hidden, heads, qk, v):
+        return 0.01 + per_head_ms * heads + 2e-5 * hidden * heads * (qk + v)
+
+    attention = [[[[attention_ms(hidden, heads, qk, v) for v in grid.v_head_dims] for qk in grid.qk_head_dims]
+                  for heads in grid.heads] for hidden in grid.hidden]
+    fused = [[[attention_ms(hidden, heads, d, d) / fused_speedup for d in grid.qk_head_dims] for heads in grid.heads]
+             for hidden in grid.hidden]
     mlp = [[0.01 + 3e-5 * hidden * width for width in grid.mlp] for hidden in grid.hidden]
-    return LatencyTable(latency_key(dense_config, batch_size), grid, stem, attention, mlp, {"synthetic": True})
+    return LatencyTable(latency_key(dense_config, batch_size), grid, stem, attention, fused, mlp,
+                        {"synthetic": True})

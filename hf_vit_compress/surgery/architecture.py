@@ -25,6 +25,10 @@ class LayerArchitecture:
         qk_scale: optional `(num_heads * head_dim,)` multipliers of the q AND k outputs, folded into q_proj/k_proj.
         v_scale: optional `(num_heads * head_dim,)` multipliers of the v outputs, folded into v_proj.
         mlp_scale: optional `(intermediate_size,)` multipliers of fc1's outputs (before the activation).
+        pad_head_dims: export the narrower of the q/k and v head dims zero-padded to the wider, so that both are
+            equal: the same outputs (zero q/k channels add nothing to a score, zero v channels meet zero o_proj
+            columns), and sdpa's fused kernel, which needs equal head dims, can run the block. Set by a speed
+            budget where its latency table says the padded block is faster (`cost.BudgetCost.with_padding`).
     """
 
     heads: list[int]
@@ -35,6 +39,7 @@ class LayerArchitecture:
     qk_scale: torch.Tensor | None = None
     v_scale: torch.Tensor | None = None
     mlp_scale: torch.Tensor | None = None
+    pad_head_dims: bool = False
 
     def __post_init__(self):
         for name in ("qk_channels", "v_channels"):
@@ -62,6 +67,14 @@ class LayerArchitecture:
     def intermediate_size(self) -> int:
         return len(self.mlp_neurons) if self.keep_block else 0
 
+    @property
+    def exported_head_dims(self) -> tuple[int, int]:
+        """(q/k, v) head dims of the exported block: the kept ones, or both the wider one with `pad_head_dims`."""
+        if self.pad_head_dims:
+            wider = max(self.qk_head_dim, self.v_head_dim)
+            return wider, wider
+        return self.qk_head_dim, self.v_head_dim
+
     def flat_indices(self, head_dim: int, which: str) -> list[int]:
         """Kept q/k (`which="qk"`) or v (`which="v"`) output channels as flat indices into the dense projection."""
         per_head = self.qk_channels if which == "qk" else self.v_channels
@@ -74,6 +87,7 @@ class LayerArchitecture:
             "qk_head_dim": self.qk_head_dim,
             "v_head_dim": self.v_head_dim,
             "intermediate_size": self.intermediate_size,
+            **({"pad_head_dims": True} if self.pad_head_dims else {}),
         }
 
 
@@ -129,6 +143,8 @@ class Architecture:
                     "qk_channels": [list(c) for c in layer.qk_channels],
                     "v_channels": [list(c) for c in layer.v_channels],
                     "mlp_neurons": list(layer.mlp_neurons),
+                    # only when set, so that a MACs run's file is as it always was
+                    **({"pad_head_dims": True} if layer.pad_head_dims else {}),
                 }
                 for layer in self.layers
             ],

@@ -9,6 +9,7 @@ as before); `LatencyTableCost` is a `LatencyTable`'s multilinear interpolation. 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -57,8 +58,9 @@ class BudgetCost:
 
     def architecture(self, architecture: Architecture) -> float:
         """What `export_compressed_model(model, architecture)` would cost."""
-        layers = [{"num_heads": layer.num_heads, "qk_head_dim": layer.qk_head_dim, "v_head_dim": layer.v_head_dim,
-                   "intermediate_size": layer.intermediate_size} for layer in architecture.kept_layers]
+        layers = [{"num_heads": layer.num_heads, "qk_head_dim": layer.exported_head_dims[0],
+                   "v_head_dim": layer.exported_head_dims[1], "intermediate_size": layer.intermediate_size}
+                  for layer in architecture.kept_layers]
         return self.layers(len(architecture.hidden_channels), layers)
 
     def dense(self) -> float:
@@ -75,6 +77,22 @@ class BudgetCost:
     def within(self, cost: float, target: float) -> bool:
         """Whether `cost` fits `target` (MACs: exactly `<=`)."""
         return cost <= target
+
+    def pads_head_dims(self, hidden: int, heads: int, qk_head_dim: int, v_head_dim: int) -> bool:
+        """Whether a block with these head dims is exported zero-padded to equal ones (a fused attention kernel
+        needs them equal). Never under MACs, which padding only adds to."""
+        return False
+
+    def with_padding(self, architecture: Architecture) -> Architecture:
+        """`architecture` with `pad_head_dims` set on every kept block this cost prices padded (the architecture a
+        method hands the exporter, so that the export runs what was priced)."""
+        hidden = len(architecture.hidden_channels)
+        pads = [layer.keep_block and self.pads_head_dims(hidden, layer.num_heads, layer.qk_head_dim,
+                                                         layer.v_head_dim) for layer in architecture.layers]
+        if pads == [layer.pad_head_dims for layer in architecture.layers]:
+            return architecture
+        layers = [dataclasses.replace(layer, pad_head_dims=pad) for layer, pad in zip(architecture.layers, pads)]
+        return dataclasses.replace(architecture, layers=layers)
 
 
 class MACsCost(BudgetCost):
@@ -138,9 +156,26 @@ class LatencyTableCost(BudgetCost):
         return self.scale * parts + self.half_block_ms * (units > 0)
 
     def attention(self, hidden, heads, qk_head_dim, v_head_dim):
+        """Equal head dims at the fused kernel's price; unequal ones at the cheaper of the unfused kernel and the
+        fused one on both head dims zero-padded to the wider (what the export then runs: `pads_head_dims`)."""
         tensor_cost = self._on(hidden, heads, qk_head_dim, v_head_dim)
-        price = self.priced.predict_attention if tensor_cost is None else tensor_cost.attention
-        return self._calibrated(price(hidden, heads, qk_head_dim, v_head_dim), heads)
+        if tensor_cost is None:
+            fused = self.priced.predict_fused_attention(hidden, heads, max(qk_head_dim, v_head_dim))
+            price = fused if qk_head_dim == v_head_dim else min(
+                fused, self.priced.predict_unfused_attention(hidden, heads, qk_head_dim, v_head_dim))
+            return self._calibrated(price if heads else 0.0, heads)
+        fused = tensor_cost.fused_attention(hidden, heads, torch.maximum(torch.as_tensor(qk_head_dim),
+                                                                         torch.as_tensor(v_head_dim)))
+        unfused = tensor_cost.unfused_attention(hidden, heads, qk_head_dim, v_head_dim)
+        equal = torch.as_tensor(qk_head_dim) == torch.as_tensor(v_head_dim)
+        return self._calibrated(torch.where(equal, fused, torch.minimum(fused, unfused)), heads)
+
+    def pads_head_dims(self, hidden: int, heads: int, qk_head_dim: int, v_head_dim: int) -> bool:
+        """Whether a block with these (unequal) head dims runs faster zero-padded to equal ones, by the table."""
+        if not heads or qk_head_dim == v_head_dim:
+            return False
+        return (self.priced.predict_fused_attention(hidden, heads, max(qk_head_dim, v_head_dim))
+                < self.priced.predict_unfused_attention(hidden, heads, qk_head_dim, v_head_dim))
 
     def mlp(self, hidden, width):
         tensor_cost = self._on(hidden, width)
@@ -181,7 +216,8 @@ def monotone_table(table: LatencyTable) -> LatencyTable:
         return tensor.tolist()
 
     return LatencyTable(table.key, table.grid, running_max(table.stem_ms), running_max(table.attention_ms),
-                        running_max(table.mlp_ms), {**table.meta, "monotone": True})
+                        running_max(table.fused_attention_ms), running_max(table.mlp_ms),
+                        {**table.meta, "monotone": True})
 
 
 def load_or_build_table(dense_config, latency_config, progress: bool = True) -> LatencyTable:

@@ -26,8 +26,11 @@ def _scale_vector(scale: torch.Tensor | None, rows: torch.Tensor) -> torch.Tenso
     return None if scale is None else scale.detach().to(rows.device, torch.float32)[rows]
 
 
-def _copy_linear(target: nn.Linear, source: nn.Linear, rows=None, cols=None, row_scale=None) -> None:
-    """target <- source[rows][:, cols], each kept output row multiplied by row_scale (weight and bias)."""
+def _copy_linear(target: nn.Linear, source: nn.Linear, rows=None, cols=None, row_scale=None,
+                 row_positions=None, col_positions=None) -> None:
+    """target <- source[rows][:, cols], each kept output row multiplied by row_scale (weight and bias); with
+    `row_positions` / `col_positions` the kept rows / columns land at those positions of a wider target and the
+    rest are zero (a zero-padded head dim)."""
     weight = source.weight.detach().float()
     bias = source.bias.detach().float() if source.bias is not None else None
     if rows is not None:
@@ -38,6 +41,11 @@ def _copy_linear(target: nn.Linear, source: nn.Linear, rows=None, cols=None, row
     if row_scale is not None:
         weight = weight * row_scale[:, None]
         bias = bias * row_scale if bias is not None else None
+    if row_positions is not None:
+        weight = weight.new_zeros(target.out_features, weight.shape[1]).index_copy_(0, row_positions, weight)
+        bias = bias.new_zeros(target.out_features).index_copy_(0, row_positions, bias) if bias is not None else None
+    if col_positions is not None:
+        weight = weight.new_zeros(weight.shape[0], target.in_features).index_copy_(1, col_positions, weight)
     target.weight.copy_(weight)
     if bias is not None:
         target.bias.copy_(bias)
@@ -49,8 +57,8 @@ def compressed_config(dense_config, architecture: Architecture, parts: ModelPart
     layers = [
         {
             "num_heads": layer.num_heads,
-            "qk_head_dim": layer.qk_head_dim,
-            "v_head_dim": layer.v_head_dim,
+            "qk_head_dim": layer.exported_head_dims[0],
+            "v_head_dim": layer.exported_head_dims[1],
             "intermediate_size": layer.intermediate_size,
             "scaling": float(scaling),
         }
@@ -169,13 +177,25 @@ def _export_block(target, block: BlockParts, layer: LayerArchitecture, hidden: t
     qk_rows = _index(layer.flat_indices(head_dim, "qk"), device)
     v_rows = _index(layer.flat_indices(head_dim, "v"), device)
     qk_scale = _scale_vector(layer.qk_scale, qk_rows)
+    # where the kept channels sit in the exported projections: packed, or head by head in a zero-padded head dim
+    qk_at, v_at = (_padded_positions(layer, which, device) for which in ("qk", "v"))
     attention = target.attention
-    _copy_linear(attention.q_proj, block.q_proj, rows=qk_rows, cols=hidden, row_scale=qk_scale)
-    _copy_linear(attention.k_proj, block.k_proj, rows=qk_rows, cols=hidden, row_scale=qk_scale)
+    _copy_linear(attention.q_proj, block.q_proj, rows=qk_rows, cols=hidden, row_scale=qk_scale, row_positions=qk_at)
+    _copy_linear(attention.k_proj, block.k_proj, rows=qk_rows, cols=hidden, row_scale=qk_scale, row_positions=qk_at)
     v_scale = _scale_vector(layer.v_scale, v_rows)
-    _copy_linear(attention.v_proj, block.v_proj, rows=v_rows, cols=hidden, row_scale=v_scale)
-    _copy_linear(attention.o_proj, block.o_proj, rows=hidden, cols=v_rows)
+    _copy_linear(attention.v_proj, block.v_proj, rows=v_rows, cols=hidden, row_scale=v_scale, row_positions=v_at)
+    _copy_linear(attention.o_proj, block.o_proj, rows=hidden, cols=v_rows, col_positions=v_at)
     neurons = _index(layer.mlp_neurons, device)
     mlp_scale = _scale_vector(layer.mlp_scale, neurons)
     _copy_linear(target.mlp.fc1, block.fc1, rows=neurons, cols=hidden, row_scale=mlp_scale)
     _copy_linear(target.mlp.fc2, block.fc2, rows=hidden, cols=neurons)
+
+
+def _padded_positions(layer: LayerArchitecture, which: str, device) -> torch.Tensor | None:
+    """With `pad_head_dims`, the exported positions of the kept q/k (`which="qk"`) or v channels when it is the
+    narrower one: each head's channels first in its padded head dim, zeros after; else None (packed as kept)."""
+    kept = layer.qk_head_dim if which == "qk" else layer.v_head_dim
+    exported = layer.exported_head_dims[0 if which == "qk" else 1]
+    if exported == kept:
+        return None
+    return _index([head * exported + channel for head in range(layer.num_heads) for channel in range(kept)], device)

@@ -155,8 +155,8 @@ def architecture_macs(model_or_geometry, architecture: Architecture, image_size=
         macs_from_widths(
             geo,
             len(architecture.hidden_channels),
-            [layer.num_heads * layer.qk_head_dim for layer in kept],
-            [layer.num_heads * layer.v_head_dim for layer in kept],
+            [layer.num_heads * layer.exported_head_dims[0] for layer in kept],
+            [layer.num_heads * layer.exported_head_dims[1] for layer in kept],
             [layer.intermediate_size for layer in kept],
         )
     )

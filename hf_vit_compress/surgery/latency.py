@@ -12,8 +12,20 @@ bracketed by CUDA events after a warm-up; on a CPU by `time.perf_counter`; a sam
 
 `LatencyTable.predict_*` interpolate the grid multilinearly (piecewise-linear in each width, linear extrapolation
 past the grid's ends): time is close to linear in a width between the kernel-size steps, so a few points per
-axis follow it, and a grid point is predicted exactly. A table is saved as JSON together with its `LatencyKey`
-(everything its timings depend on); loading it for a run with another key is refused, naming the field.
+axis follow it, and a grid point is predicted exactly.
+
+Attention is two tables, because sdpa's time is not continuous across qk == v: its fastest kernel (the fused
+"flash" one, on CPU and on GPU) needs the q/k and v head dims EQUAL. Measured on this CPU (fp32, batch 64, DeiT-T
+tokens, 3 heads): 25 ms with both head dims 48, 75-82 ms with 48 and 40 or 56 (the unfused math path), so a table
+whose cells mix both interpolates neither. `fused_attention_ms` holds equal head dims (over the q/k axis), timed as
+they run; `attention_ms` holds every (q/k, v) pair with the flash kernel turned off on its diagonal cells, so every
+cell times what unequal head dims run (on a GPU the memory-efficient / cuDNN kernels, whose time is smooth across
+the diagonal; on CPU the math path, whose equal-dims cells are a little faster than their neighbours: a lower
+bound). An export may zero-pad the narrower head dim to the wider one (`LayerArchitecture.pad_head_dims`: exact)
+to run the fused kernel; `cost.LatencyTableCost` prices each block at the cheaper of the two.
+
+A table is saved as JSON together with its `LatencyKey` (everything its timings depend on); loading it for a run
+with another key is refused, naming the field.
 
 Written by hand: torch's profiler and benchmark utilities time one call, and no well-kept library builds
 interpolated per-layer latency tables for transformers models.
@@ -33,6 +45,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..modeling import CompressedViTConfig, CompressedViTForImageClassification
 from ..modeling.modeling_compressed_vit import CompressedViTAttention, CompressedViTMLP
@@ -45,7 +58,7 @@ from .timing import (  # noqa: F401  (measure_speedup, time_call: re-exported, p
     time_in_passes,
 )
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: attention split into fused (equal head dims) and unfused cells
 
 
 @dataclass(frozen=True)
@@ -153,7 +166,10 @@ class LatencyTable:
         key: what the timings depend on.
         grid: the widths measured.
         stem_ms: per residual width (grid.hidden): patch embedding + final LayerNorm + classifier head(s).
-        attention_ms: nested lists indexed [hidden][heads][qk_head_dims][v_head_dims].
+        attention_ms: nested lists indexed [hidden][heads][qk_head_dims][v_head_dims], the unfused kernel (what
+            unequal head dims run; see the module docstring).
+        fused_attention_ms: nested lists indexed [hidden][heads][qk_head_dims]: equal q/k and v head dims, as
+            they run (sdpa's fused kernel where the device has one).
         mlp_ms: nested lists indexed [hidden][mlp].
         meta: how it was measured (repeats, warm-up, seconds taken, date).
     """
@@ -162,6 +178,7 @@ class LatencyTable:
     grid: LatencyGrid
     stem_ms: list[float]
     attention_ms: list
+    fused_attention_ms: list
     mlp_ms: list
     meta: dict
 
@@ -170,8 +187,20 @@ class LatencyTable:
         return _interpolate([self.grid.hidden], self.stem_ms, [hidden])
 
     def predict_attention(self, hidden: int, heads: int, qk_head_dim: int, v_head_dim: int) -> float:
+        """An attention sub-block with these widths, as it runs: equal head dims by the fused cells, else the
+        unfused ones."""
         if heads == 0:  # every head pruned: only o_proj's bias is added
             return 0.0
+        if qk_head_dim == v_head_dim:
+            return self.predict_fused_attention(hidden, heads, qk_head_dim)
+        return self.predict_unfused_attention(hidden, heads, qk_head_dim, v_head_dim)
+
+    def predict_fused_attention(self, hidden: int, heads: int, head_dim: int) -> float:
+        """Equal q/k and v head dims `head_dim` (what a zero-padded export of wider head dims runs, too)."""
+        axes = [self.grid.hidden, self.grid.heads, self.grid.qk_head_dims]
+        return _interpolate(axes, self.fused_attention_ms, [hidden, heads, head_dim])
+
+    def predict_unfused_attention(self, hidden: int, heads: int, qk_head_dim: int, v_head_dim: int) -> float:
         axes = [self.grid.hidden, self.grid.heads, self.grid.qk_head_dims, self.grid.v_head_dims]
         return _interpolate(axes, self.attention_ms, [hidden, heads, qk_head_dim, v_head_dim])
 
@@ -226,7 +255,8 @@ class LatencyTable:
     # -- files ----------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {"version": TABLE_VERSION, "key": asdict(self.key), "grid": asdict(self.grid),
-                "stem_ms": self.stem_ms, "attention_ms": self.attention_ms, "mlp_ms": self.mlp_ms, "meta": self.meta}
+                "stem_ms": self.stem_ms, "attention_ms": self.attention_ms,
+                "fused_attention_ms": self.fused_attention_ms, "mlp_ms": self.mlp_ms, "meta": self.meta}
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -245,10 +275,12 @@ class LatencyTable:
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"latency table {path}: cannot be read ({type(error).__name__}: {error})") from None
         if not isinstance(values, dict) or values.get("version") != TABLE_VERSION:
-            raise ValueError(f"latency table {path}: not a version-{TABLE_VERSION} latency table")
+            raise ValueError(f"latency table {path}: not a version-{TABLE_VERSION} latency table (version "
+                             f"{values.get('version') if isinstance(values, dict) else None!r}): build it again")
         try:
             table = cls(LatencyKey(**values["key"]), LatencyGrid(**values["grid"]), values["stem_ms"],
-                        values["attention_ms"], values["mlp_ms"], values.get("meta", {}))
+                        values["attention_ms"], values["fused_attention_ms"], values["mlp_ms"],
+                        values.get("meta", {}))
         except (KeyError, TypeError) as error:
             raise ValueError(f"latency table {path}: malformed ({type(error).__name__}: {error})") from None
         table.grid.validate()
@@ -299,6 +331,7 @@ class LatencyCost:
         self.qk_axis, self.v_axis, self.mlp_axis = as_tensor(g.qk_head_dims), as_tensor(g.v_head_dims), as_tensor(g.mlp)
         self.stem_values = as_tensor(table.stem_ms)
         self.attention_values = as_tensor(table.attention_ms)
+        self.fused_attention_values = as_tensor(table.fused_attention_ms)
         self.mlp_values = as_tensor(table.mlp_ms)
 
     def stem(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -306,9 +339,21 @@ class LatencyCost:
 
     def attention(self, hidden: torch.Tensor, heads: torch.Tensor, qk_head_dim: torch.Tensor,
                   v_head_dim: torch.Tensor) -> torch.Tensor:
+        """`LatencyTable.predict_attention`: the fused cells where the head dims are equal, else the unfused."""
+        fused = self.fused_attention(hidden, heads, qk_head_dim)
+        unfused = self.unfused_attention(hidden, heads, qk_head_dim, v_head_dim)
+        return torch.where(torch.as_tensor(qk_head_dim) == torch.as_tensor(v_head_dim), fused, unfused)
+
+    def fused_attention(self, hidden: torch.Tensor, heads: torch.Tensor, head_dim: torch.Tensor) -> torch.Tensor:
+        axes = [self.hidden_axis, self.heads_axis, self.qk_axis]
+        value = _interpolate_tensor(axes, self.fused_attention_values, [hidden, heads, head_dim])
+        return torch.where(torch.as_tensor(heads) > 0, value, torch.zeros_like(value))
+
+    def unfused_attention(self, hidden: torch.Tensor, heads: torch.Tensor, qk_head_dim: torch.Tensor,
+                          v_head_dim: torch.Tensor) -> torch.Tensor:
         axes = [self.hidden_axis, self.heads_axis, self.qk_axis, self.v_axis]
         value = _interpolate_tensor(axes, self.attention_values, [hidden, heads, qk_head_dim, v_head_dim])
-        return torch.where(heads > 0, value, torch.zeros_like(value))
+        return torch.where(torch.as_tensor(heads) > 0, value, torch.zeros_like(value))
 
     def mlp(self, hidden: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
         value = _interpolate_tensor([self.hidden_axis, self.mlp_axis], self.mlp_values, [hidden, mlp])
@@ -390,8 +435,10 @@ def build_latency_table(dense_config, batch_size: int, dtype: str = "float32", d
     stem = [median[("stem", i)] for i in hidden_range]
     attention = [[[[median[("attention", i, j, k, m)] for m in range(len(grid.v_head_dims))]
                    for k in range(len(grid.qk_head_dims))] for j in range(len(grid.heads))] for i in hidden_range]
+    fused = [[[median[("fused", i, j, k)] for k in range(len(grid.qk_head_dims))] for j in range(len(grid.heads))]
+             for i in hidden_range]
     mlp = [[median[("mlp", i, j)] for j in range(len(grid.mlp))] for i in hidden_range]
-    table = LatencyTable(key, grid, stem, attention, mlp, {})
+    table = LatencyTable(key, grid, stem, attention, fused, mlp, {})
     meta = {"warmup": warmup, "repeats": repeats, "statistic": "median over passes of the grid",
             "whole_models": {"num_layers": dense_config.num_hidden_layers,
                              **{corner: {"measured_ms": median[("model", corner)],
@@ -399,7 +446,7 @@ def build_latency_table(dense_config, batch_size: int, dtype: str = "float32", d
                                 for corner in ("narrow", "dense")}},
             "min_sample_ms": MIN_SAMPLE_MS, "seconds": round(time.perf_counter() - began, 1),
             "interpolation": "multilinear", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return LatencyTable(key, grid, stem, attention, mlp, meta)
+    return LatencyTable(key, grid, stem, attention, fused, mlp, meta)
 
 
 def _corner_model(dense_config, grid: LatencyGrid, corner: str) -> tuple[int, list[dict]]:
@@ -428,9 +475,11 @@ def _table_cells(dense_config, grid: LatencyGrid, tokens: int, batch_size: int, 
         cells[("stem", i)] = (ready(CompressedViTForImageClassification(config)), pixels.to(device, dtype))
         for j, heads in enumerate(grid.heads):
             for k, qk in enumerate(grid.qk_head_dims):
+                cells[("fused", i, j, k)] = (ready(_AttentionPart(config, _layer(heads, qk, qk, 1, scaling))), states)
                 for m, v in enumerate(grid.v_head_dims):
                     part = _AttentionPart(config, _layer(heads, qk, v, 1, scaling))
-                    cells[("attention", i, j, k, m)] = (ready(part), states)
+                    # the unfused cells: on the diagonal, time what unequal head dims beside it would run
+                    cells[("attention", i, j, k, m)] = (ready(_WithoutFlash(part) if qk == v else part), states)
         for j, width in enumerate(grid.mlp):
             cells[("mlp", i, j)] = (ready(_MLPPart(config, _layer(1, 1, 1, width, scaling))), states)
     # two whole models (every block at the narrowest / widest grid corner): what the parts timed alone miss
@@ -454,6 +503,20 @@ class _AttentionPart(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return hidden_states + self.attention(self.norm(hidden_states))
+
+
+class _WithoutFlash(nn.Module):
+    """A part run with sdpa's flash kernel (the one that needs equal head dims) turned off."""
+
+    BACKENDS = (SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)
+
+    def __init__(self, part: nn.Module):
+        super().__init__()
+        self.part = part
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        with sdpa_kernel(list(self.BACKENDS)):
+            return self.part(hidden_states)
 
 
 class _MLPPart(nn.Module):

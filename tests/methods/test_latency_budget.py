@@ -97,6 +97,56 @@ def test_the_table_cost_is_the_monotone_table_and_differentiable_in_the_widths()
     assert bool((gradient >= 0).all()) and float(gradient.sum()) > 0  # a wider MLP never costs less
 
 
+def test_unequal_head_dims_are_priced_zero_padded_where_the_fused_kernel_is_cheaper():
+    model = make_vit_classifier()
+    table = synthetic_latency_table(model.config, fused_speedup=3.0)
+    cost = LatencyTableCost(table, geometry(model))
+    g = table.grid
+    hidden, heads, qk, v = g.hidden[-1], g.heads[-1], g.qk_head_dims[-1], g.qk_head_dims[0]
+    padded = table.predict_fused_attention(hidden, heads, qk)
+    assert padded < table.predict_unfused_attention(hidden, heads, qk, v)
+    assert cost.pads_head_dims(hidden, heads, qk, v) and not cost.pads_head_dims(hidden, heads, qk, qk)
+    assert cost.attention(hidden, heads, qk, v) == pytest.approx(padded)
+    as_tensors = [torch.tensor(float(x)) for x in (hidden, heads, qk, v)]
+    assert cost.attention(*as_tensors).item() == pytest.approx(padded)
+    # equal head dims: the fused price, whatever the unfused cells say
+    assert cost.attention(hidden, heads, qk, qk) == pytest.approx(padded)
+    # no faster fused kernel, or a MACs budget: never padded
+    plain = LatencyTableCost(synthetic_latency_table(model.config), geometry(model))
+    assert not plain.pads_head_dims(hidden, heads, qk, v)
+    assert plain.attention(hidden, heads, qk, v) == pytest.approx(table.predict_unfused_attention(hidden, heads, qk, v))
+    assert not MACsCost(geometry(model)).pads_head_dims(hidden, heads, qk, v)
+
+
+def test_uvc_exports_unequal_head_dims_zero_padded_where_its_table_prices_them_so(tmp_path):
+    from hf_vit_compress.surgery.export import export_compressed_model
+
+    model = tiny_vit()
+    path = synthetic_latency_table(model.config, fused_speedup=3.0).save(tmp_path / "latency.json")
+    # the paper's search space: value head dims pruned, q/k ones kept whole, so they differ
+    search_space = {"shared_head_dims": False, "prune_hidden": False, "channel_multiple": 1}
+    config = CompressionConfig(method="uvc", target_speedup=1.5, latency={"table": str(path)}, uvc=search_space)
+    method = gated(model, config)
+    with torch.no_grad():
+        method.counts.copy_(torch.tensor([[0.0, 12.0, 8.0], [1.0, 4.0, 20.0], [0.0, 20.0, 4.0]]))
+    architecture = method.decide()
+    kept = architecture.kept_layers
+    assert any(layer.qk_head_dim != layer.v_head_dim for layer in kept)
+    assert all(layer.pad_head_dims == (layer.qk_head_dim != layer.v_head_dim) for layer in kept if layer.num_heads)
+    compressed = export_compressed_model(model, architecture)
+    assert all(entry["qk_head_dim"] == entry["v_head_dim"] for entry in compressed.config.layers)
+    table = method.cost.table
+    assert table.predict_config(compressed.config) == pytest.approx(method.architecture_cost(architecture))
+    assert method.architecture_cost(architecture) <= method.target_cost * (1 + 1e-9)
+    # the same search state under a MACs budget exports the head dims as kept
+    macs_method = gated(tiny_vit(), CompressionConfig(method="uvc", target_flops=0.6, uvc=search_space))
+    with torch.no_grad():
+        macs_method.counts.copy_(method.counts)
+    macs_layers = macs_method.decide().kept_layers
+    assert any(layer.qk_head_dim != layer.v_head_dim for layer in macs_layers)
+    assert not any(layer.pad_head_dims for layer in macs_layers)
+
+
 @pytest.mark.parametrize("settings, match", [
     (dict(target_speedup=1.0), "target_speedup"),
     (dict(target_speedup=2.0, target_latency_ms=1.0), "target_latency_ms"),

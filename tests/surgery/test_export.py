@@ -133,6 +133,7 @@ def layer_architectures(draw) -> LayerArchitecture:
         qk_scale=draw(optional_scales(WIDTH)),
         v_scale=draw(optional_scales(WIDTH)),
         mlp_scale=draw(optional_scales(INTERMEDIATE)),
+        pad_head_dims=draw(st.booleans()),
     )
 
 
@@ -207,21 +208,26 @@ def check_export_invariant(kind: str, architecture: Architecture) -> CompressedV
     assert [
         (entry["num_heads"], entry["qk_head_dim"], entry["v_head_dim"], entry["intermediate_size"])
         for entry in config.layers
-    ] == [(layer.num_heads, layer.qk_head_dim, layer.v_head_dim, layer.intermediate_size) for layer in kept]
+    ] == [(layer.num_heads, *layer.exported_head_dims, layer.intermediate_size) for layer in kept]
     hidden = len(architecture.hidden_channels)
     for block, layer in zip(compressed.vit.layers, kept):  # the modules really have those shapes
         attention = block.attention
-        assert attention.q_proj.weight.shape == (layer.num_heads * layer.qk_head_dim, hidden)
-        assert attention.k_proj.weight.shape == (layer.num_heads * layer.qk_head_dim, hidden)
-        assert attention.v_proj.weight.shape == (layer.num_heads * layer.v_head_dim, hidden)
-        assert attention.o_proj.weight.shape == (hidden, layer.num_heads * layer.v_head_dim)
+        qk_dim, v_dim = layer.exported_head_dims
+        if layer.pad_head_dims:  # padded to the wider head dim, on both
+            assert qk_dim == v_dim == max(layer.qk_head_dim, layer.v_head_dim)
+        assert attention.q_proj.weight.shape == (layer.num_heads * qk_dim, hidden)
+        assert attention.k_proj.weight.shape == (layer.num_heads * qk_dim, hidden)
+        assert attention.v_proj.weight.shape == (layer.num_heads * v_dim, hidden)
+        assert attention.o_proj.weight.shape == (hidden, layer.num_heads * v_dim)
         assert block.mlp.fc1.weight.shape == (layer.intermediate_size, hidden)
         assert block.mlp.fc2.weight.shape == (hidden, layer.intermediate_size)
     assert compressed.config.use_distillation_token == (kind != "vit")
     assert compressed.config.distillation_head == (kind == "deit-teacher")
 
-    if removes_something(architecture):
+    if removes_something(architecture) and not any(layer.pad_head_dims for layer in kept):
         assert count_params(compressed) < count_params(dense)
+    elif removes_something(architecture):  # zero-padding gives back at most what the narrower head dim lost
+        assert count_params(compressed) <= count_params(dense)
     else:
         assert count_params(compressed) == count_params(dense)
     return compressed
@@ -242,6 +248,23 @@ def test_export_matches_gated_dense_model_edge_cases(kind, hidden_scale):
     assert [entry["num_heads"] for entry in compressed.config.layers] == [3, 0]
     assert [entry["intermediate_size"] for entry in compressed.config.layers] == [0, len(range(0, INTERMEDIATE, 3))]
     assert compressed.config.layers[0]["qk_head_dim"] == 3 and compressed.config.layers[0]["v_head_dim"] == 5
+
+
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_zero_padded_head_dims_export_the_same_model_with_equal_head_dims(kind):
+    architecture = edge_case_architecture()
+    architecture.layers[0].pad_head_dims = True  # q/k head dim 3 padded to the value head dim 5
+    compressed = check_export_invariant(kind, architecture)
+    assert (compressed.config.layers[0]["qk_head_dim"], compressed.config.layers[0]["v_head_dim"]) == (5, 5)
+    torch.testing.assert_close(logits_of(compressed),
+                               logits_of(export_compressed_model(dense_model(kind), edge_case_architecture())))
+    q_rows = compressed.vit.layers[0].attention.q_proj.weight.view(3, 5, -1)
+    assert q_rows[:, 3:].abs().sum() == 0 and q_rows[:, :3].abs().sum() > 0  # each head: 3 kept rows, then zeros
+    from hf_vit_compress.surgery.flops import architecture_macs, count_macs
+
+    assert architecture_macs(dense_model(kind), architecture) == count_macs(compressed)  # padded MACs counted
+    assert architecture.to_dict()["layers"][0]["pad_head_dims"] is True
+    assert "pad_head_dims" not in edge_case_architecture().to_dict()["layers"][0]  # a MACs run's file, as before
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)

@@ -27,8 +27,14 @@ def test_a_table_builds_saves_reloads_and_predicts_its_grid_points_exactly(table
         for j, heads in enumerate(g.heads):
             for k, qk in enumerate(g.qk_head_dims):
                 for m, v in enumerate(g.v_head_dims):
-                    assert loaded.predict_attention(hidden, heads, qk, v) == pytest.approx(
+                    assert loaded.predict_unfused_attention(hidden, heads, qk, v) == pytest.approx(
                         table.attention_ms[i][j][k][m], rel=1e-12)
+                # equal head dims run (and are priced by) the fused cells; unequal ones by the unfused cells
+                assert loaded.predict_attention(hidden, heads, qk, qk) == pytest.approx(
+                    table.fused_attention_ms[i][j][k], rel=1e-12)
+                other = g.v_head_dims[-1] if qk != g.v_head_dims[-1] else g.v_head_dims[0]
+                assert loaded.predict_attention(hidden, heads, qk, other) == pytest.approx(
+                    table.attention_ms[i][j][k][g.v_head_dims.index(other)], rel=1e-12)
         for j, width in enumerate(g.mlp):
             assert loaded.predict_mlp(hidden, width) == pytest.approx(table.mlp_ms[i][j], rel=1e-12)
     assert all(value > 0 for value in table.stem_ms)
@@ -116,6 +122,8 @@ def test_the_differentiable_cost_matches_the_table_and_its_gradient_is_the_slope
                  for axis in (g.hidden, g.heads, g.qk_head_dims, g.v_head_dims)]
         width = float(torch.empty(()).uniform_(g.mlp[0], g.mlp[-1], generator=generator))
         assert cost.attention(*map(torch.tensor, point)).item() == pytest.approx(table.predict_attention(*point))
+        equal = [point[0], point[1], point[2], point[2]]  # equal head dims: the fused cells
+        assert cost.attention(*map(torch.tensor, equal)).item() == pytest.approx(table.predict_attention(*equal))
         assert cost.mlp(torch.tensor(point[0]), torch.tensor(width)).item() == pytest.approx(
             table.predict_mlp(point[0], width))
     # batched, with gradients: d(latency)/d(width) is the slope of the interval the width lies in

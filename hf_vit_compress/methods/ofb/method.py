@@ -428,12 +428,13 @@ class OFBMethod(CompressionMethod):
                 )
             )
         embed_keep = self.embed.keep_for(choices["embed"])
-        return Architecture(
+        # OFB keeps q/k and v head dims equal, so nothing is padded; a speed budget's rule is applied all the same
+        return self.cost.with_padding(Architecture(
             layers=layers,
             hidden_channels=embed_keep.nonzero().flatten().tolist(),
             hidden_scale=lam * self.embed.importance().detach() + (1 - lam),
             metadata={"method": "ofb"},
-        )
+        ))
 
     def finalize(self) -> Architecture:
         """End the search: every module keeps its decided units; lambda stays at its final value."""

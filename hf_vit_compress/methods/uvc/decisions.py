@@ -61,10 +61,11 @@ class UVCDecisions:
                 hidden = ProjectionHidden.from_sets(groups.hidden.scores, groups.hidden.removed)
         removed, rounded = project_and_round(layers, self.cost, self.target_cost, self.config.uvc.channel_multiple,
                                              hidden)
-        architecture = Architecture(
+        # a speed budget exports unequal head dims zero-padded where its table prices them so (never under MACs)
+        architecture = self.cost.with_padding(Architecture(
             layers=[layer.to_layer_architecture(geo.head_dim) for layer in layers],
             hidden_channels=hidden.channels() if hidden is not None else list(range(geo.hidden_size)),
-        )
+        ))
         price = self.architecture_cost(architecture)
         if not self.cost.within(price, self.target_cost):  # cannot happen: the projection prices the same way
             raise RuntimeError(f"UVC final projection failed: {price} {self.cost.unit} > target "
@@ -118,7 +119,7 @@ class UVCDecisions:
                 mlp_neurons=self.final_mlp[index].nonzero().flatten().tolist(),
             ))
         hidden = self.final_hidden.nonzero().flatten().tolist() if self.prune_hidden else range(geo.hidden_size)
-        architecture = Architecture(layers=layers, hidden_channels=list(hidden))
+        architecture = self.cost.with_padding(Architecture(layers=layers, hidden_channels=list(hidden)))
         macs = self.architecture_macs(architecture)
         architecture.metadata.update(method=self.name, macs=macs, ratio=macs / self.dense_macs,
                                      target_macs=float(self.target_macs))
