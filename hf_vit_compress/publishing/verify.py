@@ -272,13 +272,14 @@ def _check_architecture(architecture: dict, config, problems: list[str]) -> None
     if len(hidden) != config.hidden_size:
         return fail(f"{len(hidden)} hidden_channels, config.json hidden_size {config.hidden_size}")
     kept = [layer for layer in layers if isinstance(layer, dict) and layer.get("keep_block", True)]
-    if len(kept) != len(config.layers) or len(kept) != sum(isinstance(layer, dict) for layer in layers):
+    # every entry an object; the kept ones (removed blocks are entries with keep_block false) are the config's
+    if len(kept) != len(config.layers) or len(layers) != sum(isinstance(layer, dict) for layer in layers):
         return fail(f"{len(kept)} kept blocks (of {len(layers)} entries), config.json has {len(config.layers)} layers")
     for index, (layer, shape) in enumerate(zip(kept, config.layers)):
         widths = _layer_widths(layer)
         if widths is None:
             fail(f"kept block {index}: heads, qk_channels, v_channels and mlp_neurons must be distinct indices >= 0, "
-                 "one channel list per head, equal lengths")
+                 "one channel list per head, equal lengths; pad_head_dims, if present, true or false")
         elif widths != tuple(shape[key] for key in ("num_heads", "qk_head_dim", "v_head_dim", "intermediate_size")):
             fail(f"kept block {index}: widths {widths} (heads, qk, v, mlp), config.json layer {index} {shape}")
 
@@ -300,7 +301,13 @@ def _layer_widths(layer: dict) -> tuple[int, int, int, int] | None:
         return None
     if not heads:
         return (0, 0, 0, len(mlp))
-    return (len(heads), qk_dims.pop(), v_dims.pop(), len(mlp))
+    pad = layer.get("pad_head_dims", False)
+    if not isinstance(pad, bool):
+        return None
+    qk_dim, v_dim = qk_dims.pop(), v_dims.pop()
+    if pad:  # exported zero-padded to the wider head dim (`LayerArchitecture.pad_head_dims`)
+        qk_dim = v_dim = max(qk_dim, v_dim)
+    return (len(heads), qk_dim, v_dim, len(mlp))
 
 
 # ---------------------------------------------------------------------------------------------------------------

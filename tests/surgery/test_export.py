@@ -265,6 +265,15 @@ def test_zero_padded_head_dims_export_the_same_model_with_equal_head_dims(kind):
     assert architecture_macs(dense_model(kind), architecture) == count_macs(compressed)  # padded MACs counted
     assert architecture.to_dict()["layers"][0]["pad_head_dims"] is True
     assert "pad_head_dims" not in edge_case_architecture().to_dict()["layers"][0]  # a MACs run's file, as before
+    # a published folder's architecture.json agrees with its config.json (publishing.verify), padding and all, and
+    # the removed block 1 is an entry that is no config layer (verify once refused every folder with one)
+    from hf_vit_compress.publishing.verify import _check_architecture
+
+    problems: list[str] = []
+    _check_architecture(architecture.to_dict(), compressed.config, problems)
+    assert problems == []
+    _check_architecture(edge_case_architecture().to_dict(), compressed.config, problems)
+    assert len(problems) == 1 and "kept block 0: widths (3, 3, 5, 0)" in problems[0]
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
