@@ -150,3 +150,23 @@ def test_the_block_calibration_fits_the_two_whole_models_timed_with_the_table(ta
     assert table.block_calibration() == pytest.approx((1.2, 0.1))
     table.meta.pop("whole_models")
     assert table.block_calibration() == (1.0, 0.0)  # a table without them (an older file) is priced as its parts
+
+
+def test_equal_head_dims_get_fused_cells_and_the_unfused_diagonal_runs_without_flash():
+    import torch
+
+    from hf_vit_compress.surgery.latency import _table_cells, _WithoutFlash
+
+    config = tiny_vit_config()
+    grid = LatencyGrid.for_model(config, 2)
+    cells = _table_cells(config, grid, latency_key(config, 1).tokens, 1, "sdpa", torch.device("cpu"), torch.float32)
+    for (kind, *index), (module, states) in cells.items():
+        if kind == "fused":
+            attention = module.attention
+            assert attention.qk_head_dim == attention.v_head_dim == grid.qk_head_dims[index[2]]
+        if kind == "attention":
+            qk, v = grid.qk_head_dims[index[2]], grid.v_head_dims[index[3]]
+            assert isinstance(module, _WithoutFlash) == (qk == v)
+            if qk == v:  # the same computation, only another kernel
+                torch.testing.assert_close(module(states), module.part(states))
+    assert sum(kind == "fused" for kind, *_ in cells) == len(grid.hidden) * len(grid.heads) * len(grid.qk_head_dims)
