@@ -32,6 +32,7 @@ bfloat16` (CUDA events; benchmarks/gpu.sh runs it). Random weights.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import sys
 import tempfile
@@ -66,10 +67,16 @@ MACS_SWEEP = (0.15, 0.25, 0.35, 0.5, 0.65, 0.8)
 HELDOUT_MULTIPLE = 8
 
 
+#: method variants beside the library's methods: UVC's paper search space, which prunes value head dims alone (so
+#: q/k and v head dims differ, and a speed budget may export them zero-padded)
+VARIANTS = {"uvc-paper": ("uvc", {"uvc": {"shared_head_dims": False}})}
+
+
 def decided_architecture(model, method: str, seed: int, **budget):
     """`method`'s decision from a seeded random search state under `budget` (`target_speedup` + `latency`, or
-    `target_flops`), and the built method (its cost prices the architecture)."""
-    config = CompressionConfig(method=method, **budget)
+    `target_flops`), and the built method (its cost prices the architecture). `method` may be a `VARIANTS` name."""
+    method, settings = VARIANTS.get(method, (method, {}))
+    config = CompressionConfig(method=method, **budget, **settings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         built = build_method(model, config)
@@ -219,7 +226,13 @@ def measure_cell(shape: str, batch: int, args, rng: random.Random, folder: Path)
             predicted = built.architecture_cost(architecture)
             facts[name] = {"method": method, "target_speedup": target, "predicted_ms": predicted,
                            "dense_predicted_ms": built.dense_cost, "predicted_speedup": built.dense_cost / predicted,
-                           "macs_ratio": count_macs(models[name]) / full_macs, "kind": "speed"}
+                           "macs_ratio": count_macs(models[name]) / full_macs, "kind": "speed",
+                           "padded_blocks": sum(layer.pad_head_dims for layer in architecture.kept_layers)}
+            if facts[name]["padded_blocks"]:  # the same units exported as kept: what the padding bought
+                unpadded = dataclasses.replace(architecture, layers=[
+                    dataclasses.replace(layer, pad_head_dims=False) for layer in architecture.layers])
+                models[f"{name} unpadded"] = export_compressed_model(dense, unpadded).eval()
+                facts[f"{name} unpadded"] = {"method": method, "target_speedup": target, "kind": "unpadded"}
         for ratio in [float(r) for r in args.macs_sweep.split(",")]:
             name = f"{method}@{ratio:g}MACs"
             try:
@@ -241,6 +254,8 @@ def measure_cell(shape: str, batch: int, args, rng: random.Random, folder: Path)
     for name, fact in facts.items():
         if fact.get("kind") != "speed":
             continue
+        if f"{name} unpadded" in facts:
+            fact["measured_speedup_unpadded"] = facts[f"{name} unpadded"]["measured_speedup"]
         sweep = [(f["macs_ratio"], f["measured_speedup"]) for f in facts.values()
                  if f.get("kind") == "macs" and f["method"] == fact["method"]]
         equivalent = macs_equivalent(fact["measured_speedup"], sweep)
@@ -299,7 +314,7 @@ def markdown(results: dict) -> str:
         tables.append([cell["shape"], cell["batch"], cell["build_seconds"], f"{100 * inside['median_error']:.1f}%",
                        f"{100 * inside['max_error']:.1f}%", *_by_part(inside), f"{cell['dense_measured_ms']:.2f}"])
         for name, fact in cell["models"].items():
-            if fact.get("kind") == "macs":
+            if fact.get("kind") in ("macs", "unpadded"):
                 continue
             if "unreachable" in fact:
                 rows.append([cell["shape"], cell["batch"], fact["method"], f"{fact['target_speedup']:g}x",
@@ -311,6 +326,16 @@ def markdown(results: dict) -> str:
                          f"{fact['measured_over_target']:.2f}", f"{fact['macs_ratio']:.3f}",
                          "-" if equivalent is None else f"{equivalent:.3f}",
                          "-" if equivalent is None else f"{fact['macs_kept_vs_macs_budget']:.2f}"])
+    padding_rows = [[cell["shape"], cell["batch"], fact["method"], f"{fact['target_speedup']:g}x",
+                     f"{fact['padded_blocks']}", f"{fact['measured_speedup']:.2f}x",
+                     f"{fact['measured_speedup_unpadded']:.2f}x"]
+                    for cell in results["cells"] for fact in cell["models"].values()
+                    if fact.get("measured_speedup_unpadded")]
+    padding = ""
+    if padding_rows:
+        padding = "\n\n## Zero-padded head dims: the same units exported padded and as kept\n\n" + C.md_table(
+            ["shape", "batch", "method", "target", "blocks padded", "measured speed-up, padded (exported)",
+             "same units, unpadded"], padding_rows)
     sweep_rows = []
     for cell in results["cells"]:
         for name, fact in cell["models"].items():
@@ -325,7 +350,8 @@ def markdown(results: dict) -> str:
              f"{HELDOUT_MULTIPLE})", "held-out max error, same", *PART_COLUMNS, "dense ms (measured)"],
             tables)
         + "\n\n## MACs-budgeted models (the sweep)\n\n" + C.md_table(
-            ["shape", "batch", "method", "target_flops", "MACs / dense", "measured speed-up"], sweep_rows) + "\n")
+            ["shape", "batch", "method", "target_flops", "MACs / dense", "measured speed-up"], sweep_rows)
+        + padding + "\n")
 
 
 def main(argv=None) -> dict:
